@@ -1,0 +1,151 @@
+"""Command-line interface: mpk compile | inspect | generate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mpk.errors import MpkError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MpkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpk", description="Compile LLM inference into one persistent megakernel.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log compiler and runtime progress")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compile_ = commands.add_parser("compile", help="compile a model into a task graph")
+    compile_.add_argument("model", nargs="?", help="checkpoint directory (only config.json is read)")
+    compile_.add_argument("--preset", help="compile a built-in model shape instead of MODEL_DIR (e.g. qwen3-8b)")
+    compile_.add_argument("--out", required=True, type=Path, help="directory to write taskgraph.json into")
+    add_target_options(compile_)
+    compile_.add_argument("--tokens", type=int, default=1, help="tokens per iteration: 1 for decode, N for a prompt chunk (default 1)")
+    compile_.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots per layer (default: min(max positions, 4096))")
+    compile_.set_defaults(func=run_compile)
+
+    demo = commands.add_parser("demo", help="build a small Qwen3 model, compile it, generate and verify")
+    demo.add_argument("--dir", type=Path, default=None, help="where to keep the demo checkpoint (default ~/.cache/mpk/demo-qwen3)")
+    demo.add_argument("--workers", type=int, default=None, help="workers of the CPU target (default: all cores)")
+    demo.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    demo.set_defaults(func=run_demo)
+
+    inspect = commands.add_parser("inspect", help="summarize a compiled task graph")
+    inspect.add_argument("taskgraph", type=Path, help="directory (or file) written by mpk compile")
+    inspect.set_defaults(func=run_inspect)
+
+    generate = commands.add_parser("generate", help="greedy decoding of token ids")
+    generate.add_argument("model", type=Path, help="checkpoint directory: config.json and safetensors")
+    generate.add_argument("--backend", default="reference", help="execution backend (default: reference)")
+    generate.add_argument("--prompt-ids", required=True, help="comma-separated prompt token ids, e.g. 1,2,3")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    generate.add_argument("--chunk", type=int, default=16, help="prompt tokens per iteration (default 16)")
+    generate.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots (default: prompt plus new tokens, rounded up to 64)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the reference executor's task order")
+    generate.add_argument("--verify", action="store_true", help="also run transformers and fail on any mismatch")
+    add_target_options(generate)
+    generate.set_defaults(func=run_generate)
+    return parser
+
+
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="cpu", help="cpu, or a GPU: a100, h100, h200, b200 (default cpu)")
+    parser.add_argument("--workers", type=int, default=None, help="worker threads (cpu) or SMs to use (default: all)")
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from mpk.compiler.pipeline import compile_graph
+    from mpk.frontend.config import load_config
+    from mpk.frontend.decoder import decoder_graph
+    from mpk.frontend.presets import get_preset
+    from mpk.target import make_target
+
+    if (args.model is None) == (args.preset is None):
+        raise MpkError("pass either MODEL_DIR or --preset NAME")
+    cfg = get_preset(args.preset) if args.preset else load_config(args.model)
+    target = make_target(args.target, args.workers)
+    max_seq_len = args.max_seq_len or min(cfg.max_positions, 4096)
+    start = time.perf_counter()
+    tg = compile_graph(decoder_graph(cfg, args.tokens, max_seq_len), target)
+    elapsed = time.perf_counter() - start
+    path = tg.save(args.out)
+    print(f"compiled {tg.graph.name} for {target.name}: {len(tg.graph.ops)} operators, {tg.num_tasks} tasks, "
+          f"{tg.num_events} events in {elapsed:.2f} s -> {path}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from mpk.demo import run_demo as demo
+
+    return demo(args.dir, args.workers, args.max_new_tokens, print)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from mpk.inspect import summarize
+    from mpk.compiler.taskgraph import load_task_graph
+
+    print(summarize(load_task_graph(args.taskgraph)))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from mpk.frontend.config import load_config
+    from mpk.generate import Session, cache_length
+    from mpk.target import make_target
+
+    prompt = parse_ids(args.prompt_ids)
+    cfg = load_config(args.model)
+    if args.max_new_tokens < 1:
+        raise MpkError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    max_seq_len = cache_length(cfg, len(prompt) + args.max_new_tokens, args.max_seq_len)
+    target = make_target(args.target, args.workers)
+    session = Session(args.model, max_seq_len=max_seq_len, chunk=args.chunk, backend=args.backend, target=target, seed=args.seed)
+    start = time.perf_counter()
+    result = session.generate(prompt, args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    print(",".join(str(t) for t in result.tokens), flush=True)
+    print(f"{len(result.tokens)} tokens in {elapsed:.2f} s with the {args.backend} backend", file=sys.stderr)
+    if args.verify:
+        return verify_against_transformers(args.model, prompt, result)
+    return 0
+
+
+def verify_against_transformers(model: Path, prompt: list[int], result) -> int:
+    from mpk.hf_reference import compare, transformers_greedy
+
+    ref_tokens, ref_logits = transformers_greedy(model, prompt, len(result.tokens))
+    mismatch = compare(result.tokens, result.logits, ref_tokens, ref_logits)
+    if mismatch.position is not None:
+        print(f"verify: FAILED: first differing token at new position {mismatch.position}: mpk {result.tokens[mismatch.position]}, "
+              f"transformers {ref_tokens[mismatch.position]}; logits relative error {mismatch.logits_rel_error:.3e} "
+              f"(worst step {mismatch.worst_step_rel_error:.3e})", file=sys.stderr)
+        return 1
+    print(f"verify: OK: {len(ref_tokens)} tokens equal transformers'; logits relative error {mismatch.logits_rel_error:.3e} "
+          f"(worst step {mismatch.worst_step_rel_error:.3e})", file=sys.stderr)
+    return 0
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MpkError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise MpkError("--prompt-ids is empty; pass at least one token id")
+    return ids
+
+
+if __name__ == "__main__":
+    sys.exit(main())

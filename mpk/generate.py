@@ -1,0 +1,110 @@
+"""Greedy decoding of a checkpoint through compiled task graphs.
+
+Two task graphs are compiled from the same model: a prompt chunk of ``chunk`` tokens and
+a single-token decode step. They share the weights and the KV cache. The last chunk of
+a prompt is padded with rows at position -1, which the attention operators skip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpk.compiler.pipeline import compile_graph
+from mpk.compiler.taskgraph import TaskGraph
+from mpk.errors import ConfigError, MpkError
+from mpk.frontend.checkpoint import Checkpoint
+from mpk.frontend.config import ModelConfig, load_config
+from mpk.frontend.decoder import decoder_graph
+from mpk.runtime.reference import ReferenceExecutor, new_state
+from mpk.runtime.weights import load_weights
+from mpk.target import Target, cpu_target
+
+log = logging.getLogger("mpk.generate")
+
+BACKENDS = ("reference",)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]            # the new tokens
+    logits: torch.Tensor         # [new tokens, vocab]: the logits each new token was chosen from
+
+
+def cache_length(cfg: ModelConfig, needed: int, requested: int | None) -> int:
+    """Return the KV-cache length: ``requested``, or ``needed`` rounded up to 64 slots."""
+    if needed > cfg.max_positions:
+        raise ConfigError(
+            f"the prompt plus the new tokens need {needed} positions, but the model supports "
+            f"max_position_embeddings={cfg.max_positions}; shorten the prompt or lower --max-new-tokens"
+        )
+    if requested is not None:
+        if requested < needed:
+            raise ConfigError(f"--max-seq-len {requested} is too short for {needed} positions (prompt plus new tokens); raise it to at least {needed}")
+        return requested
+    return min(cfg.max_positions, math.ceil(needed / 64) * 64)
+
+
+class Session:
+    """A model compiled for one backend, with its KV cache."""
+
+    def __init__(self, model_dir: str | Path, *, max_seq_len: int, chunk: int = 16, backend: str = "reference",
+                 target: Target | None = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        if backend not in BACKENDS:
+            raise MpkError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
+        self.cfg = load_config(model_dir)
+        self.target = target or cpu_target()
+        self.max_seq_len = max_seq_len
+        self.chunk = max(1, min(chunk, max_seq_len))
+        self.graphs: dict[int, TaskGraph] = {}
+        for tokens in sorted({1, self.chunk}):
+            self.graphs[tokens] = compile_graph(decoder_graph(self.cfg, tokens, max_seq_len), self.target)
+        checkpoint = Checkpoint(model_dir)
+        weights = load_weights(self.graphs[1].graph, checkpoint)
+        state = new_state(self.graphs[1], dtype)
+        self.executors = {
+            tokens: ReferenceExecutor(tg, weights, state, seed=seed + tokens, dtype=dtype) for tokens, tg in self.graphs.items()
+        }
+        self.position = 0
+
+    def step(self, tokens: list[int]) -> tuple[int, torch.Tensor]:
+        """Feed up to ``chunk`` tokens at the next positions; return the greedy next token and its logits."""
+        rows = 1 if len(tokens) == 1 else self.chunk
+        if len(tokens) > rows:
+            raise MpkError(f"{len(tokens)} tokens do not fit one chunk of {rows}")
+        self._check_tokens(tokens)
+        if self.position + len(tokens) > self.max_seq_len:
+            raise ConfigError(f"position {self.position + len(tokens)} exceeds the KV cache of {self.max_seq_len} slots")
+        ids = torch.zeros(rows, dtype=torch.int64)
+        ids[: len(tokens)] = torch.tensor(tokens)
+        positions = torch.full((rows,), -1, dtype=torch.int64)
+        positions[: len(tokens)] = torch.arange(self.position, self.position + len(tokens))
+        out = self.executors[rows].run({"tokens": ids, "positions": positions})
+        self.position += len(tokens)
+        last = len(tokens) - 1
+        return int(out["argmax.reduce.out"][last]), out["lm_head.out"][last]
+
+    def _check_tokens(self, tokens: list[int]) -> None:
+        for t in tokens:
+            if not 0 <= t < self.cfg.vocab_size:
+                raise MpkError(f"token id {t} is outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
+        if not prompt:
+            raise MpkError("the prompt is empty; pass at least one token id")
+        if max_new_tokens < 1:
+            raise MpkError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        # prefill
+        for start in range(0, len(prompt), self.chunk):
+            token, logits = self.step(prompt[start : start + self.chunk])
+        tokens, rows = [token], [logits]
+        # decode
+        while len(tokens) < max_new_tokens:
+            token, logits = self.step([tokens[-1]])
+            tokens.append(token)
+            rows.append(logits)
+        return Generation(tokens, torch.stack(rows))

@@ -1,0 +1,42 @@
+"""Greedy decoding with transformers, the reference mpk is checked against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Mismatch:
+    position: int | None        # first new-token index where the tokens differ, or None
+    logits_rel_error: float     # ||mpk - reference|| / ||reference|| over compared steps
+    worst_step_rel_error: float
+
+
+def transformers_greedy(model_dir: str | Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> tuple[list[int], torch.Tensor]:
+    """Return the greedy tokens and the logits they were chosen from, [new tokens, vocab]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(dtype).eval()
+    tokens: list[int] = []
+    rows: list[torch.Tensor] = []
+    # The whole sequence is recomputed at every step: no cache API to track across
+    # transformers releases, at a cost that only matters for long generations.
+    with torch.no_grad():
+        while len(tokens) < max_new_tokens:
+            logits = model(torch.tensor([prompt + tokens]), use_cache=False).logits[0, -1].float()
+            rows.append(logits)
+            tokens.append(int(logits.argmax()))
+    return tokens, torch.stack(rows)
+
+
+def compare(tokens: list[int], logits: torch.Tensor, ref_tokens: list[int], ref_logits: torch.Tensor) -> Mismatch:
+    """Compare up to and including the first differing token (later steps see different inputs)."""
+    first = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+    steps = len(tokens) if first is None else first + 1
+    a, b = logits[:steps].double(), ref_logits[:steps].double()
+    total = float((a - b).norm() / b.norm())
+    worst = max(float((a[i] - b[i]).norm() / b[i].norm()) for i in range(steps))
+    return Mismatch(first, total, worst)

@@ -1,0 +1,178 @@
+"""Rotary embedding with the KV-cache append, and causal attention over the KV cache.
+
+Row t of an iteration is the token at ``positions[t]``; a negative position marks a
+padding row (a prompt chunk shorter than the compiled chunk), which writes nothing to
+the cache and produces zeros. The cache of one layer is [max_seq_len, kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mpk.errors import GraphError
+from mpk.ir.tensor import TensorSpec
+from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register
+from mpk.ops.norm import check_qkv, group_columns, head_layout
+from mpk.ops.tiling import split
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embedding in the rotate-half layout. x: [T, heads, D]; cos, sin: [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def check_cache(op: Op, tensors: dict[str, TensorSpec], role: str) -> TensorSpec:
+    _, kv_heads, head_dim = head_layout(op)
+    cache = tensors[op.inputs.get(role) or op.outputs[role]]
+    expect_rank(op, role, cache, 3)
+    expect_shape(op, role, cache, (cache.shape[0], kv_heads, head_dim))
+    return cache
+
+
+@register
+class RopeSpec(OpSpec):
+    kind = "rope"
+    doc = (
+        "Rotate q (in place) and k by the rotary embedding of each row's position, and append k and v "
+        "to the KV cache at that position. One task per KV group."
+    )
+    inputs = ("qkv", "positions", "cos", "sin")
+    outputs = ("out", "k_cache", "v_cache")
+    inplace = {"out": "qkv"}
+    attributes = ("num_heads", "num_kv_heads", "head_dim")
+    cpu_kernel = "rope_task"
+    cuda_kernel = "rope_task"
+
+    def infer(self, op: Op, tensors: dict[str, TensorSpec]):
+        qkv = check_qkv(op, tensors)
+        head_dim = op.attrs["head_dim"]
+        positions = tensors[op.inputs["positions"]]
+        expect_shape(op, "positions", positions, (qkv.shape[0],))
+        cos = tensors[op.inputs["cos"]]
+        expect_rank(op, "cos", cos, 2)
+        expect_shape(op, "cos", cos, (cos.shape[0], head_dim))
+        expect_shape(op, "sin", tensors[op.inputs["sin"]], cos.shape)
+        k_cache = check_cache(op, tensors, "k_cache")
+        check_cache(op, tensors, "v_cache")
+        if cos.shape[0] < k_cache.shape[0]:
+            raise GraphError(f"operator {op.name!r} (rope): the cos table has {cos.shape[0]} positions, fewer than the cache's {k_cache.shape[0]}")
+        return {"out": (qkv.shape, qkv.dtype)}
+
+    def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
+        return [(g,) for g in range(op.attrs["num_kv_heads"])]
+
+    def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
+        (group,) = tile
+        tokens = tensors[op.inputs["qkv"]].shape[0]
+        rows = (0, tokens)
+        q, k, v = group_columns(op, group)
+        table = tensors[op.inputs["cos"]].shape
+        cache_len = tensors[op.outputs["k_cache"]].shape[0]
+        # Positions are runtime values, so the task may touch any slot of its KV head.
+        slab = ((0, cache_len), (group, group + 1), (0, op.attrs["head_dim"]))
+        return [
+            Access("qkv", (rows, q), False),
+            Access("qkv", (rows, k), False),
+            Access("qkv", (rows, v), False),
+            Access("positions", (rows,), False),
+            Access("cos", ((0, table[0]), (0, table[1])), False),
+            Access("sin", ((0, table[0]), (0, table[1])), False),
+            Access("out", (rows, q), True),
+            Access("k_cache", slab, True),
+            Access("v_cache", slab, True),
+        ]
+
+    def cost(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> Cost:
+        # Only T rows of the tables and of the cache are touched, not the declared slabs.
+        tokens = tensors[op.inputs["qkv"]].shape[0]
+        heads, kv_heads, head_dim = head_layout(op)
+        width = (heads // kv_heads + 2) * head_dim
+        return Cost(tokens * (2 * width + 4 * head_dim) * 4, 6 * tokens * width)
+
+    def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
+        (group,) = tile
+        head_dim = op.attrs["head_dim"]
+        q, k, v = group_columns(op, group)
+        qkv, positions = bufs["qkv"], bufs["positions"]
+        valid = positions >= 0
+        at = positions[valid]
+        cos, sin = bufs["cos"][at].to(qkv.dtype), bufs["sin"][at].to(qkv.dtype)
+
+        q_heads = qkv[valid, q[0] : q[1]].reshape(-1, (q[1] - q[0]) // head_dim, head_dim)
+        k_head = qkv[valid, k[0] : k[1]].reshape(-1, 1, head_dim)
+        bufs["out"][:, q[0] : q[1]] = 0
+        bufs["out"][valid, q[0] : q[1]] = rotate(q_heads, cos, sin).reshape(len(at), -1)
+        bufs["k_cache"][at, group] = rotate(k_head, cos, sin)[:, 0].to(bufs["k_cache"].dtype)
+        bufs["v_cache"][at, group] = qkv[valid, v[0] : v[1]].to(bufs["v_cache"].dtype)
+
+
+@register
+class AttentionSpec(OpSpec):
+    kind = "attention"
+    doc = (
+        "Causal attention of each row's q heads over the KV cache slots 0..position of their KV head "
+        "(grouped-query attention). Tiled by KV group and by row blocks."
+    )
+    inputs = ("qkv", "positions", "k_cache", "v_cache")
+    outputs = ("out",)
+    attributes = ("num_heads", "num_kv_heads", "head_dim", "scale")
+    cpu_kernel = "attention_task"
+    cuda_kernel = "attention_task"
+
+    def infer(self, op: Op, tensors: dict[str, TensorSpec]):
+        qkv = check_qkv(op, tensors)
+        heads, _, head_dim = head_layout(op)
+        expect_shape(op, "positions", tensors[op.inputs["positions"]], (qkv.shape[0],))
+        k_cache = check_cache(op, tensors, "k_cache")
+        expect_shape(op, "v_cache", tensors[op.inputs["v_cache"]], k_cache.shape)
+        op.attrs.setdefault("scale", 1.0 / math.sqrt(head_dim))
+        return {"out": ((qkv.shape[0], heads * head_dim), None)}
+
+    def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
+        kv_heads = op.attrs["num_kv_heads"]
+        tokens = tensors[op.inputs["qkv"]].shape[0]
+        row_blocks = split(tokens, max(1, plan.workers // kv_heads))
+        return [(g, r0, r1) for g in range(kv_heads) for r0, r1 in row_blocks]
+
+    def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
+        group, r0, r1 = tile
+        q, _, _ = group_columns(op, group)
+        cache_len = tensors[op.inputs["k_cache"]].shape[0]
+        slab = ((0, cache_len), (group, group + 1), (0, op.attrs["head_dim"]))
+        return [
+            Access("qkv", ((r0, r1), q), False),
+            Access("positions", ((r0, r1),), False),
+            Access("k_cache", slab, False),
+            Access("v_cache", slab, False),
+            Access("out", ((r0, r1), q), True),
+        ]
+
+    def cost(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> Cost:
+        # NOTE: positions are runtime values; the estimate assumes a cache half full.
+        group, r0, r1 = tile
+        heads, kv_heads, head_dim = head_layout(op)
+        context = tensors[op.inputs["k_cache"]].shape[0] // 2
+        group_heads = heads // kv_heads
+        cache_bytes = 2 * context * head_dim * 4
+        return Cost(cache_bytes + (r1 - r0) * group_heads * head_dim * 8, 4 * (r1 - r0) * group_heads * context * head_dim)
+
+    def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
+        group, r0, r1 = tile
+        head_dim, scale = op.attrs["head_dim"], op.attrs["scale"]
+        q_cols, _, _ = group_columns(op, group)
+        out = bufs["out"]
+        out[r0:r1, q_cols[0] : q_cols[1]] = 0
+        for row in range(r0, r1):
+            position = int(bufs["positions"][row])
+            if position < 0:
+                continue
+            q = bufs["qkv"][row, q_cols[0] : q_cols[1]].reshape(-1, head_dim)
+            # Slice, never mask: slots past the position are NaN-poisoned by the reference executor.
+            keys = bufs["k_cache"][: position + 1, group].to(q.dtype)
+            values = bufs["v_cache"][: position + 1, group].to(q.dtype)
+            weights = torch.softmax((q @ keys.T) * scale, dim=-1)
+            out[row, q_cols[0] : q_cols[1]] = (weights @ values).reshape(-1)

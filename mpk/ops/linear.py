@@ -1,0 +1,77 @@
+"""Linear layer without bias: out = x @ weight.T, optionally plus a residual."""
+
+from __future__ import annotations
+
+import torch
+
+from mpk.errors import GraphError
+from mpk.ir.tensor import TensorSpec
+from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register
+from mpk.ops.tiling import column_parts, split_segments
+
+
+@register
+class LinearSpec(OpSpec):
+    kind = "linear"
+    doc = (
+        "out = x @ weight.T (+ residual). Tiled over output columns, so each task streams its own "
+        "rows of the weight once. `segments` lists the widths of fused projections (q|k|v, gate|up): "
+        "no tile crosses a segment boundary, and tile widths are multiples of `align`."
+    )
+    inputs = ("x", "weight")
+    optional_inputs = ("residual",)
+    outputs = ("out",)
+    inplace = {"out": "residual"}
+    attributes = ("segments", "align")
+    cpu_kernel = "linear_task"
+    cuda_kernel = "linear_task"
+
+    def infer(self, op: Op, tensors: dict[str, TensorSpec]):
+        x, weight = tensors[op.inputs["x"]], tensors[op.inputs["weight"]]
+        expect_rank(op, "x", x, 2)
+        expect_rank(op, "weight", weight, 2)
+        if weight.shape[1] != x.shape[1]:
+            raise GraphError(
+                f"operator {op.name!r} (linear): weight {weight.name!r} has {weight.shape[1]} input features "
+                f"but x {x.name!r} has {x.shape[1]}"
+            )
+        out_shape = (x.shape[0], weight.shape[0])
+        segments = op.attrs.setdefault("segments", [weight.shape[0]])
+        op.attrs.setdefault("align", 1)
+        if sum(segments) != weight.shape[0]:
+            raise GraphError(f"operator {op.name!r} (linear): segments {segments} do not sum to {weight.shape[0]} rows")
+        if "residual" in op.inputs:
+            expect_shape(op, "residual", tensors[op.inputs["residual"]], out_shape)
+        return {"out": (out_shape, None)}
+
+    def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
+        rows = tensors[op.inputs["weight"]].shape[0]
+        parts = column_parts(rows, plan.workers, plan.min_columns)
+        return split_segments(op.attrs["segments"], parts, op.attrs["align"])
+
+    def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
+        c0, c1 = tile
+        tokens, features = tensors[op.inputs["x"]].shape
+        out = ((0, tokens), (c0, c1))
+        found = [
+            Access("x", ((0, tokens), (0, features)), False),
+            Access("weight", ((c0, c1), (0, features)), False),
+        ]
+        if "residual" in op.inputs:
+            found.append(Access("residual", out, False))
+        found.append(Access("out", out, True))
+        return found
+
+    def cost(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> Cost:
+        c0, c1 = tile
+        tokens, features = tensors[op.inputs["x"]].shape
+        moved = super().cost(op, tensors, tile)
+        return Cost(moved.bytes, 2 * tokens * features * (c1 - c0))
+
+    def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
+        c0, c1 = tile
+        x = bufs["x"]
+        result = x @ bufs["weight"][c0:c1].to(x.dtype).T
+        if "residual" in bufs:
+            result = result + bufs["residual"][:, c0:c1]
+        bufs["out"][:, c0:c1] = result
