@@ -37,7 +37,7 @@ def main() -> None:
             best, tg = float("inf"), None
             for _ in range(args.repeat):
                 start = time.perf_counter()
-                tg = compile_graph(decoder_graph(cfg, args.tokens, args.max_seq_len), target)
+                tg = compile_graph(decoder_graph(cfg, args.tokens, args.max_seq_len, target), target)
                 best = min(best, time.perf_counter() - start)
             passes = " ".join(f"{k}={v:.2f}" for k, v in tg.stats["compile_seconds"].items())
             print(f"{preset:12s} {target.name:8s} {tg.num_tasks:7d} {tg.num_events:7d} {best:8.2f}  {passes}")

@@ -78,7 +78,7 @@ def run_compile(args: argparse.Namespace) -> int:
     target = make_target(args.target, args.workers)
     max_seq_len = args.max_seq_len or min(cfg.max_positions, 4096)
     start = time.perf_counter()
-    tg = compile_graph(decoder_graph(cfg, args.tokens, max_seq_len), target)
+    tg = compile_graph(decoder_graph(cfg, args.tokens, max_seq_len, target), target)
     elapsed = time.perf_counter() - start
     path = tg.save(args.out)
     print(f"compiled {tg.graph.name} for {target.name}: {len(tg.graph.ops)} operators, {tg.num_tasks} tasks, "

@@ -62,7 +62,7 @@ class Session:
         self.chunk = max(1, min(chunk, max_seq_len))
         self.graphs: dict[int, TaskGraph] = {}
         for tokens in sorted({1, self.chunk}):
-            self.graphs[tokens] = compile_graph(decoder_graph(self.cfg, tokens, max_seq_len), self.target)
+            self.graphs[tokens] = compile_graph(decoder_graph(self.cfg, tokens, max_seq_len, self.target), self.target)
         checkpoint = Checkpoint(model_dir)
         weights = load_weights(self.graphs[1].graph, checkpoint)
         state = new_state(self.graphs[1], dtype)

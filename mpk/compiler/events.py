@@ -15,6 +15,7 @@ Ancestor sets are Python ints used as bitsets indexed by task.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 BEGIN = 0  # fired by the host once the iteration's inputs are written
@@ -59,7 +60,10 @@ def reduce_producers(producers: set[int], anc: list[int]) -> set[int]:
     return {p for p in producers if not (implied >> p) & 1}
 
 
-def build_events(deps: list[set[int]]) -> EventPlan:
+def build_events(deps: list[set[int]], op_of_task: list[int]) -> EventPlan:
+    """``op_of_task`` gives each task's operator: merges stay within one operator's consumers,
+    because a merge across operators can chain tasks of one operator behind each other.
+    """
     num_tasks = len(deps)
     anc = ancestor_sets(deps)
     reduced = [reduce_producers(d, anc) for d in deps]
@@ -81,10 +85,10 @@ def build_events(deps: list[set[int]]) -> EventPlan:
     for e, event in enumerate(events):
         for p in event.triggers:
             member.setdefault(p, set()).add(e)
-    merges = _merge_shared(events, member, anc)
+    merges = _merge_shared(events, member, anc, op_of_task)
     relay_groups = _add_relays(events, member, num_tasks)
 
-    return _finish(events, num_tasks, relay_groups, reduced, {
+    return _finish(events, num_tasks, relay_groups, anc, {
         "exact_edges": sum(len(d) for d in deps),
         "reduced_edges": sum(len(r) for r in reduced),
         "fused_events": fused,
@@ -93,30 +97,78 @@ def build_events(deps: list[set[int]]) -> EventPlan:
     })
 
 
-def _merge_shared(events: list[_Event], member: dict[int, set[int]], anc: list[int]) -> int:
+def _merge_shared(events: list[_Event], member: dict[int, set[int]], anc: list[int], op_of_task: list[int]) -> int:
+    """Make producers signal one event each where that needs no relay; return the merge count.
+
+    Two fixes are tried, in program order of the producers. Merging two events is taken
+    when it is safe and their consumers belong to one operator. Otherwise the event that fires later stops waiting on the shared
+    producer p and waits instead on the consumers of the earliest event p triggers:
+    they run after p, and if they all come before its own consumers nothing can deadlock.
+    """
     merges = 0
-    for p in sorted(member):
+    queue = sorted(member)
+    heapq.heapify(queue)
+    queued = set(queue)
+    while queue:
+        p = heapq.heappop(queue)
+        queued.discard(p)
         while len(member[p]) > 1:
-            pair = _safe_pair(events, sorted(member[p]), anc)
-            if pair is None:
+            pair = _safe_pair(events, sorted(member[p]), anc, op_of_task)
+            if pair is not None:
+                _merge(events, member, anc, *pair)
+                merges += 1
+                continue
+            added = _push_forward(events, member, anc, p)
+            if not added:
                 break
-            keep, gone = pair
-            triggers = reduce_producers(events[keep].triggers | events[gone].triggers, anc)
-            for q in events[keep].triggers | events[gone].triggers:
-                member[q] -= {keep, gone}
-            for q in triggers:
-                member[q].add(keep)
-            events[keep].triggers = triggers
-            events[keep].consumers |= events[gone].consumers
-            events[gone].alive = False
-            merges += 1
+            for task in added - queued:
+                heapq.heappush(queue, task)
+                queued.add(task)
     return merges
 
 
-def _safe_pair(events: list[_Event], ids: list[int], anc: list[int]) -> tuple[int, int] | None:
-    """Find two events whose merge keeps every trigger before every consumer."""
+def _merge(events: list[_Event], member: dict[int, set[int]], anc: list[int], keep: int, gone: int) -> None:
+    old = events[keep].triggers | events[gone].triggers
+    triggers = reduce_producers(old, anc)
+    _retrigger(member, old, triggers, (keep, gone), keep)
+    events[keep].triggers = triggers
+    events[keep].consumers |= events[gone].consumers
+    events[gone].alive = False
+
+
+def _push_forward(events: list[_Event], member: dict[int, set[int]], anc: list[int], p: int) -> set[int]:
+    """Replace p in later events by the consumers of its earliest event; return the tasks
+    that became triggers (empty when no event could be changed).
+    """
+    ids = sorted(member[p], key=lambda e: min(events[e].consumers))
+    successors = events[ids[0]].consumers
+    added: set[int] = set()
+    for e in ids[1:]:
+        if max(successors) >= min(events[e].consumers):
+            continue
+        old = set(events[e].triggers)
+        triggers = reduce_producers((old - {p}) | successors, anc)
+        _retrigger(member, old, triggers, (e,), e)
+        events[e].triggers = triggers
+        added |= triggers - old
+    return added
+
+
+def _retrigger(member: dict[int, set[int]], old: set[int], new: set[int], dropped: tuple[int, ...], event: int) -> None:
+    for q in old:
+        member[q] -= set(dropped)
+    for q in new:
+        member.setdefault(q, set()).add(event)
+
+
+def _safe_pair(events: list[_Event], ids: list[int], anc: list[int], op_of_task: list[int]) -> tuple[int, int] | None:
+    """Find two events of one operator's consumers whose merge keeps every trigger before
+    every consumer.
+    """
     for i, a in enumerate(ids):
         for b in ids[i + 1 :]:
+            if len({op_of_task[c] for c in events[a].consumers | events[b].consumers}) > 1:
+                continue
             triggers = reduce_producers(events[a].triggers | events[b].triggers, anc)
             if max(triggers) < min(events[a].consumers | events[b].consumers):
                 return a, b
@@ -145,7 +197,7 @@ def _add_relays(events: list[_Event], member: dict[int, set[int]], num_tasks: in
     return relay_groups
 
 
-def _finish(events: list[_Event], num_tasks: int, relay_groups: list[list[int]], reduced: list[set[int]], stats: dict) -> EventPlan:
+def _finish(events: list[_Event], num_tasks: int, relay_groups: list[list[int]], anc: list[int], stats: dict) -> EventPlan:
     total = num_tasks + len(relay_groups)
     live = [e for e in events if e.alive]
     wait = [BEGIN] * total
@@ -161,11 +213,13 @@ def _finish(events: list[_Event], num_tasks: int, relay_groups: list[list[int]],
         signal[t] = end
     triggers = [sorted(e.triggers) for e in live] + [leaves]
     consumers = [sorted(e.consumers) for e in live] + [[]]
-    # A consumer is coarsened when its event fires later than its own producers require.
+    # A consumer is coarsened when its event waits for a task it does not depend on.
     def producers_behind(trigger: int) -> list[int]:
         return relay_groups[trigger - num_tasks] if trigger >= num_tasks else [trigger]
 
     waited = [{p for t in ts for p in producers_behind(t)} for ts in triggers]
-    stats["coarsened_consumers"] = sum(1 for c in range(num_tasks) if reduced[c] and waited[wait[c]] != reduced[c])
+    stats["coarsened_consumers"] = sum(
+        1 for c in range(num_tasks) if any(not (anc[c] >> p) & 1 for p in waited[wait[c]])
+    )
     stats["events"] = end + 1
     return EventPlan(num_tasks, wait, signal, triggers, consumers, end, relay_groups, stats)

@@ -41,7 +41,7 @@ def compile_graph(graph: OpGraph, target: Target, options: CompileOptions = Comp
     buffer_names = list(placement.buffers)
     written = {buffer_names.index(placement.home[name]) for op in graph.ops for name in op.outputs.values()}
     deps = timed("dependencies", find_dependencies, table, written, options.track_war)
-    plan: EventPlan = timed("events", build_events, deps)
+    plan: EventPlan = timed("events", build_events, deps, table.op)
     tg = timed("schedule", _schedule, graph, placement, target, table, plan, deps)
     if options.verify:
         timed("verify", verify, tg)

@@ -12,6 +12,8 @@ from mpk.frontend.config import ModelConfig
 from mpk.ir.builder import GraphBuilder
 from mpk.ir.graph import OpGraph
 from mpk.ir.tensor import WeightSource
+from mpk.ops.linear import linear_tiles
+from mpk.target import Target
 
 # Columns per argmax_partial task: large enough that the partial maxima stay few
 # (37 for a 151,936-token vocabulary), small enough to spread over many workers.
@@ -22,9 +24,10 @@ def hf_layer(i: int, name: str) -> str:
     return f"model.layers.{i}.{name}.weight"
 
 
-def decoder_graph(cfg: ModelConfig, tokens: int, max_seq_len: int) -> OpGraph:
+def decoder_graph(cfg: ModelConfig, tokens: int, max_seq_len: int, target: Target | None = None) -> OpGraph:
     """Build the graph of one iteration that processes ``tokens`` rows with a KV cache of
-    ``max_seq_len`` slots per layer.
+    ``max_seq_len`` slots per layer. With a ``target``, the argmax chunks line up with the
+    lm_head tiles it will get, so each argmax task waits for exactly one lm_head tile.
     """
     if max_seq_len > cfg.max_positions:
         raise ConfigError(
@@ -50,8 +53,13 @@ def decoder_graph(cfg: ModelConfig, tokens: int, max_seq_len: int) -> OpGraph:
     normed = b.rmsnorm(hidden, final_norm, cfg.rms_norm_eps, name="final_norm")
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     head = b.weight("lm_head", (cfg.vocab_size, cfg.hidden_size), wdt, WeightSource((head_name,)))
-    logits = b.mark_output(b.linear(normed, head, name="lm_head", align=_align(cfg.vocab_size)))
-    b.mark_output(b.argmax(logits, chunk=ARGMAX_CHUNK))
+    head_align = _align(cfg.vocab_size)
+    logits = b.mark_output(b.linear(normed, head, name="lm_head", align=head_align))
+    chunk = ARGMAX_CHUNK
+    if target is not None:
+        lo, hi = linear_tiles([cfg.vocab_size], head_align, target.tiling)[0]
+        chunk = hi - lo
+    b.mark_output(b.argmax(logits, chunk=chunk))
     return b.build(meta={"model": cfg.to_dict(), "max_seq_len": max_seq_len})
 
 

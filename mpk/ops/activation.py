@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mpk.errors import GraphError
 from mpk.ir.tensor import TensorSpec
 from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, expect_rank, register
-from mpk.ops.tiling import column_parts, split
+from mpk.ops.linear import linear_tiles
 
 
 @register
@@ -17,6 +17,7 @@ class SiluMulSpec(OpSpec):
     doc = "out = silu(gate) * up, where gate_up rows are [gate | up]. Tiled over output columns."
     inputs = ("gate_up",)
     outputs = ("out",)
+    attributes = ("align",)
     cpu_kernel = "silu_mul_task"
     cuda_kernel = "silu_mul_task"
 
@@ -28,8 +29,10 @@ class SiluMulSpec(OpSpec):
         return {"out": ((gate_up.shape[0], gate_up.shape[1] // 2), None)}
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
+        # The same tiles as the gate half of the gate/up projection, so that each task
+        # waits for exactly one gate tile and one up tile.
         width = tensors[op.outputs["out"]].shape[1]
-        return split(width, column_parts(width, plan.workers, plan.min_columns), op.attrs.get("align", 1))
+        return [tile for tile in linear_tiles([width, width], op.attrs.get("align", 1), plan) if tile[1] <= width]
 
     def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
         c0, c1 = tile

@@ -10,6 +10,14 @@ from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, expect_rank
 from mpk.ops.tiling import column_parts, split_segments
 
 
+def linear_tiles(segments: list[int], align: int, plan: TilingPlan) -> list[tuple[int, int]]:
+    """Column tiles of a linear layer with these output segments. Operators that consume
+    one segment tile by tile (silu_mul, argmax_partial) reuse it to line up with them.
+    """
+    parts = column_parts(sum(segments), plan.workers, plan.min_columns)
+    return split_segments(segments, parts, align)
+
+
 @register
 class LinearSpec(OpSpec):
     kind = "linear"
@@ -45,9 +53,7 @@ class LinearSpec(OpSpec):
         return {"out": (out_shape, None)}
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
-        rows = tensors[op.inputs["weight"]].shape[0]
-        parts = column_parts(rows, plan.workers, plan.min_columns)
-        return split_segments(op.attrs["segments"], parts, op.attrs["align"])
+        return linear_tiles(op.attrs["segments"], op.attrs["align"], plan)
 
     def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
         c0, c1 = tile
