@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from importlib.metadata import version
+
 from mpk.errors import MpkError
 
 
@@ -20,14 +22,23 @@ def main(argv: list[str] | None = None) -> int:
     except MpkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (`mpk inspect tg | head`) went away; that is not an error of ours.
+        sys.stderr.close()
+        return 0
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpk", description="Compile LLM inference into one persistent megakernel.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log compiler and runtime progress")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log compiler and runtime progress")
+    parser = argparse.ArgumentParser(prog="mpk", description="Compile LLM inference into one persistent megakernel.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"mpk {version('mpk')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compile_ = commands.add_parser("compile", help="compile a model into a task graph")
+    compile_ = commands.add_parser("compile", parents=[common], help="compile a model into a task graph")
     compile_.add_argument("model", nargs="?", help="checkpoint directory (only config.json is read)")
     compile_.add_argument("--preset", help="compile a built-in model shape instead of MODEL_DIR (e.g. qwen3-8b)")
     compile_.add_argument("--out", required=True, type=Path, help="directory to write taskgraph.json into")
@@ -36,24 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots per layer (default: min(max positions, 4096))")
     compile_.set_defaults(func=run_compile)
 
-    demo = commands.add_parser("demo", help="build a small Qwen3 model, compile it, generate and verify")
+    demo = commands.add_parser("demo", parents=[common], help="build a small Qwen3 model, compile it, generate and verify")
     demo.add_argument("--dir", type=Path, default=None, help="where to keep the demo checkpoint (default ~/.cache/mpk/demo-qwen3)")
-    demo.add_argument("--workers", type=int, default=None, help="workers of the CPU target (default: all cores)")
+    demo.add_argument("--workers", type=int, default=None, help="worker threads (default: all cores)")
     demo.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     demo.set_defaults(func=run_demo)
 
-    inspect = commands.add_parser("inspect", help="summarize a compiled task graph")
+    inspect = commands.add_parser("inspect", parents=[common], help="summarize a compiled task graph")
     inspect.add_argument("taskgraph", type=Path, help="directory (or file) written by mpk compile")
     inspect.set_defaults(func=run_inspect)
 
-    generate = commands.add_parser("generate", help="greedy decoding of token ids")
+    generate = commands.add_parser("generate", parents=[common], help="greedy decoding of token ids")
     generate.add_argument("model", type=Path, help="checkpoint directory: config.json and safetensors")
-    generate.add_argument("--backend", default="reference", help="execution backend (default: reference)")
+    generate.add_argument("--backend", default="reference", help="execution backend: reference (default)")
     generate.add_argument("--prompt-ids", required=True, help="comma-separated prompt token ids, e.g. 1,2,3")
     generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     generate.add_argument("--chunk", type=int, default=16, help="prompt tokens per iteration (default 16)")
     generate.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots (default: prompt plus new tokens, rounded up to 64)")
-    generate.add_argument("--seed", type=int, default=0, help="seed of the reference executor's task order")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the reference executor's random task order (default 0)")
     generate.add_argument("--verify", action="store_true", help="also run transformers and fail on any mismatch")
     add_target_options(generate)
     generate.set_defaults(func=run_generate)
@@ -62,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="cpu", help="cpu, or a GPU: a100, h100, h200, b200 (default cpu)")
-    parser.add_argument("--workers", type=int, default=None, help="worker threads (cpu) or SMs to use (default: all)")
+    parser.add_argument("--workers", type=int, default=None, help="worker threads (cpu) or SMs to use (default: all cores or SMs)")
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -73,10 +84,14 @@ def run_compile(args: argparse.Namespace) -> int:
     from mpk.target import make_target
 
     if (args.model is None) == (args.preset is None):
-        raise MpkError("pass either MODEL_DIR or --preset NAME")
+        raise MpkError("pass either MODEL_DIR or --preset NAME, not both")
+    if args.tokens < 1:
+        raise MpkError(f"--tokens must be at least 1, got {args.tokens}")
+    if args.max_seq_len is not None and args.max_seq_len < max(args.tokens, 1):
+        raise MpkError(f"--max-seq-len must be at least --tokens ({args.tokens}), got {args.max_seq_len}")
     cfg = get_preset(args.preset) if args.preset else load_config(args.model)
     target = make_target(args.target, args.workers)
-    max_seq_len = args.max_seq_len or min(cfg.max_positions, 4096)
+    max_seq_len = args.max_seq_len if args.max_seq_len is not None else min(cfg.max_positions, 4096)
     start = time.perf_counter()
     tg = compile_graph(decoder_graph(cfg, args.tokens, max_seq_len, target), target)
     elapsed = time.perf_counter() - start
@@ -89,14 +104,22 @@ def run_compile(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from mpk.demo import run_demo as demo
 
+    if args.workers is not None and args.workers < 1:
+        raise MpkError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_new_tokens < 1:
+        raise MpkError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return demo(args.dir, args.workers, args.max_new_tokens, print)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from mpk.inspect import summarize
     from mpk.compiler.taskgraph import load_task_graph
+    from mpk.compiler.verify import verify
+    from mpk.inspect import summarize
 
-    print(summarize(load_task_graph(args.taskgraph)))
+    tg = load_task_graph(args.taskgraph)
+    print(summarize(tg))
+    verify(tg)
+    print("verifier: every hazard is ordered by events and no worker can wait forever")
     return 0
 
 
@@ -106,10 +129,13 @@ def run_generate(args: argparse.Namespace) -> int:
     from mpk.target import make_target
 
     prompt = parse_ids(args.prompt_ids)
+    if args.chunk < 1:
+        raise MpkError(f"--chunk must be at least 1, got {args.chunk}")
     cfg = load_config(args.model)
     if args.max_new_tokens < 1:
         raise MpkError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    max_seq_len = cache_length(cfg, len(prompt) + args.max_new_tokens, args.max_seq_len)
+    # The last new token is never fed back, so it needs no cache slot.
+    max_seq_len = cache_length(cfg, len(prompt) + args.max_new_tokens - 1, args.max_seq_len)
     target = make_target(args.target, args.workers)
     session = Session(args.model, max_seq_len=max_seq_len, chunk=args.chunk, backend=args.backend, target=target, seed=args.seed)
     start = time.perf_counter()
@@ -138,13 +164,10 @@ def verify_against_transformers(model: Path, prompt: list[int], result) -> int:
 
 
 def parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise MpkError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise MpkError("--prompt-ids is empty; pass at least one token id")
-    return ids
+    parts = [part.strip() for part in text.split(",")]
+    if not text.strip() or any(not part.lstrip("-").isdigit() for part in parts):
+        raise MpkError(f"--prompt-ids must be comma-separated integers such as 1,2,3, got {text!r}")
+    return [int(part) for part in parts]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mpk.errors import MpkError
 from mpk.frontend.config import load_config
 
 DEMO_SHAPE = {
@@ -23,9 +24,13 @@ def default_cache() -> Path:
 
 
 def ensure_checkpoint(directory: Path) -> tuple[Path, bool]:
-    """Return the demo checkpoint directory and whether it was built just now."""
+    """Return the demo checkpoint directory and whether it was built just now. Builds only
+    into a missing or empty directory, never over someone else's files.
+    """
     if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
         return directory, False
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise MpkError(f"--dir {directory} exists and does not hold a checkpoint; pass a new or empty directory")
     from mpk.synthetic import make_checkpoint
 
     return make_checkpoint(directory, **DEMO_SHAPE), True
@@ -45,7 +50,7 @@ def run_demo(directory: Path | None, workers: int | None, max_new_tokens: int, r
 
     start = time.perf_counter()
     target = cpu_target(workers)
-    session = Session(model_dir, max_seq_len=cache_length(cfg, len(DEMO_PROMPT) + max_new_tokens, None), target=target)
+    session = Session(model_dir, max_seq_len=cache_length(cfg, len(DEMO_PROMPT) + max_new_tokens - 1, None), target=target)
     decode = session.graphs[1]
     report(f"compiled for {target.name} in {time.perf_counter() - start:.2f} s: decode step of {decode.num_tasks} tasks, "
            f"{decode.num_events} events; prompt chunk of {session.graphs[session.chunk].num_tasks} tasks")
@@ -62,5 +67,5 @@ def run_demo(directory: Path | None, workers: int | None, max_new_tokens: int, r
     if mismatch.position is not None:
         report(f"verify: FAILED at new token {mismatch.position}; logits relative error {mismatch.logits_rel_error:.3e}")
         return 1
-    report(f"verify: OK, tokens equal transformers'; logits relative error {mismatch.logits_rel_error:.3e}")
+    report(f"verify: OK: {len(ref_tokens)} tokens equal transformers'; logits relative error {mismatch.logits_rel_error:.3e}")
     return 0

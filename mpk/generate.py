@@ -94,10 +94,20 @@ class Session:
                 raise MpkError(f"token id {t} is outside the vocabulary 0..{self.cfg.vocab_size - 1}")
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
+        """Greedy-decode ``max_new_tokens`` tokens after ``prompt``, from position 0: the KV
+        cache of an earlier call is overwritten, never read.
+        """
+        self.position = 0
         if not prompt:
             raise MpkError("the prompt is empty; pass at least one token id")
         if max_new_tokens < 1:
-            raise MpkError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+            raise MpkError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        needed = len(prompt) + max_new_tokens - 1  # the last new token is never fed back
+        if needed > self.max_seq_len:
+            raise ConfigError(
+                f"the prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens need {needed} "
+                f"positions, but the KV cache has {self.max_seq_len}; compile the session with a larger max_seq_len"
+            )
         # prefill
         for start in range(0, len(prompt), self.chunk):
             token, logits = self.step(prompt[start : start + self.chunk])

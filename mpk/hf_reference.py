@@ -18,6 +18,9 @@ class Mismatch:
 def transformers_greedy(model_dir: str | Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> tuple[list[int], torch.Tensor]:
     """Return the greedy tokens and the logits they were chosen from, [new tokens, vocab]."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(dtype).eval()
     tokens: list[int] = []

@@ -6,6 +6,8 @@ from collections import Counter
 
 from mpk.compiler.taskgraph import TaskGraph
 
+MAX_LISTED_WORKERS = 16
+
 
 def summarize(tg: TaskGraph) -> str:
     stats = tg.stats
@@ -35,7 +37,14 @@ def summarize(tg: TaskGraph) -> str:
     ]
     counts = Counter(tg.worker)
     loads = stats.get("worker_load_seconds", [])
-    for w in range(tg.target.workers):
+    workers = list(range(tg.target.workers))
+    if len(workers) > MAX_LISTED_WORKERS:
+        # Show the extremes: the most and the least loaded workers.
+        workers.sort(key=lambda w: loads[w] if w < len(loads) else 0.0)
+        half = MAX_LISTED_WORKERS // 2
+        lines.append(f"  ({half} least and {half} most loaded of {tg.target.workers} workers)")
+        workers = workers[:half] + workers[-half:]
+    for w in workers:
         load = loads[w] * 1e6 if w < len(loads) else 0.0
         lines.append(f"  worker {w:4d}: {counts.get(w, 0):6d} tasks {load:10.1f} us")
     if loads:

@@ -79,7 +79,7 @@ _GPUS = {
 def gpu_target(name: str) -> Target:
     key = name.lower()
     if key not in _GPUS:
-        raise CompileError(f"unknown GPU {name!r}; known GPUs: {', '.join(sorted(_GPUS))}")
+        raise CompileError(f"unknown target {name!r}; use cpu or a GPU: {', '.join(sorted(_GPUS))}")
     sms, bandwidth, flops = _GPUS[key]
     return Target(name, "gpu", sms, bandwidth, flops, task_overhead=1e-6, event_latency=1e-6, min_columns=16)
 
@@ -90,7 +90,10 @@ def make_target(spec: str, workers: int | None = None) -> Target:
         return cpu_target(workers)
     target = gpu_target(spec)
     if workers is not None:
-        if workers < 1:
-            raise CompileError(f"--workers must be at least 1, got {workers}")
+        if not 1 <= workers <= target.workers:
+            raise CompileError(
+                f"--workers {workers} is invalid for {target.name}: one worker runs per SM and every worker must be "
+                f"resident, so use 1 to {target.workers}"
+            )
         target = Target(**{**target.to_dict(), "workers": workers})
     return target

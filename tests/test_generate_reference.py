@@ -18,12 +18,14 @@ import torch
 import mpk.runtime.reference as reference_module
 from checkpoints import make_checkpoint
 from conftest import LLAMA3_TEST_ROPE_SCALING
-from fixtures_models import NEW_TOKENS, PROMPT, Greedy, greedy_reference, worst_step_error
+from fixtures_models import NEW_TOKENS, PROMPT, Greedy, greedy_reference, single_torch_thread, worst_step_error  # noqa: F401 (fixture)
 from mpk.frontend.checkpoint import INDEX_FILE, Checkpoint
 from mpk.frontend.config import load_config
 from mpk.generate import Generation, Session, cache_length
 from mpk.ops import spec_of
 from mpk.target import Target, cpu_target
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 LOGITS_TOLERANCE = 1e-4
 
@@ -121,6 +123,10 @@ VARIANTS = {
     "sharded-llama": dict(arch="llama", shard_size="20KB", rope_scaling=LLAMA3_TEST_ROPE_SCALING),
     "v4-qwen3": dict(arch="qwen3", config_layout="v4"),
     "v4-llama": dict(arch="llama", config_layout="v4", tie_word_embeddings=True, rope_scaling=LLAMA3_TEST_ROPE_SCALING),
+    # Widths that are not multiples of 16 (so tiles are not aligned), one KV head shared by
+    # all query heads, and plain multi-head attention over three layers.
+    "odd-qwen3-one-kv-head": dict(arch="qwen3", hidden_size=72, intermediate_size=200, vocab_size=251, num_heads=4, num_kv_heads=1, head_dim=18),
+    "odd-llama-mha": dict(arch="llama", hidden_size=40, intermediate_size=66, vocab_size=301, num_heads=5, num_kv_heads=5, head_dim=8, num_layers=3),
 }
 
 
@@ -139,6 +145,8 @@ def test_variant_is_what_it_claims(variant: tuple[str, Path]) -> None:
     elif name.startswith("sharded"):
         assert (path / INDEX_FILE).is_file()
         assert len(list(path.glob("model-*.safetensors"))) > 1
+    elif name.startswith("odd"):
+        assert load_config(path).hidden_size % 16 != 0
     else:
         config = json.loads((path / "config.json").read_text())
         assert "rope_theta" in config

@@ -120,12 +120,29 @@ def load_task_graph(path: str | Path) -> TaskGraph:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TaskGraphFileError(f"task graph {path} is corrupted ({exc}); compile it again with `mpk compile`") from None
+        raise TaskGraphFileError(f"{path} is not a readable task graph (invalid JSON: {exc}); compile it again with `mpk compile`") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise TaskGraphFileError(f"{path} is not an mpk task graph (no format {FORMAT!r} field)")
     if data.get("version") != VERSION:
         raise TaskGraphFileError(f"task graph {path} has format version {data.get('version')}, this mpk reads version {VERSION}; compile it again")
     try:
-        return TaskGraph.from_dict(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TaskGraphFileError(f"task graph {path} is corrupted (bad or missing field: {exc!r}); compile it again") from None
+        tg = TaskGraph.from_dict(data)
+    except KeyError as exc:
+        raise TaskGraphFileError(f"task graph {path} is corrupted: field {exc.args[0]!r} is missing; compile it again") from None
+    except (TypeError, ValueError) as exc:
+        raise TaskGraphFileError(f"task graph {path} is corrupted: a field has the wrong type ({exc}); compile it again") from None
+    _check_consistent(tg, path)
+    return tg
+
+
+def _check_consistent(tg: TaskGraph, path: Path) -> None:
+    """Reject a file whose columns do not fit together (a hand edit, another tool)."""
+    from mpk.compiler.verify import check_structure
+    from mpk.errors import MpkError
+
+    try:
+        check_structure(tg)
+    except MpkError as exc:
+        raise TaskGraphFileError(f"task graph {path} is inconsistent: {exc}; compile it again") from None
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        raise TaskGraphFileError(f"task graph {path} is inconsistent ({type(exc).__name__}: {exc}); compile it again") from None

@@ -26,6 +26,8 @@ from mpk.ir.tensor import TensorKind
 from mpk.ops import spec_of
 from mpk.ops.base import role_tensor
 
+BEGIN_EVENT = 0  # signaled by the host, so it has no trigger tasks
+
 
 def verify(tg: TaskGraph) -> None:
     check_structure(tg)
@@ -41,6 +43,24 @@ def check_structure(tg: TaskGraph) -> None:
     for name, column in (("wait", tg.wait), ("signal", tg.signal), ("worker", tg.worker), ("tile", tg.tile)):
         if len(column) != n:
             raise VerificationError(f"the {name} column has {len(column)} entries for {n} tasks")
+    for name, column in (("num_triggers", tg.num_triggers), ("first", tg.first), ("last", tg.last)):
+        if len(column) != events:
+            raise VerificationError(f"the event column {name!r} has {len(column)} entries for {events} events")
+    for e in range(events):
+        if not 0 <= tg.first[e] <= tg.last[e] <= n:
+            raise VerificationError(f"event {e} has consumer range {tg.first[e]}..{tg.last[e]}, outside the {n} tasks")
+    spec_arity = {}
+    for t in range(n):
+        if not -1 <= tg.op[t] < len(tg.graph.ops):
+            raise VerificationError(f"task {t} names operator {tg.op[t]}, but the graph has {len(tg.graph.ops)}")
+        if tg.op[t] >= 0:
+            op = tg.graph.ops[tg.op[t]]
+            arity = spec_arity.setdefault(op.kind, len(spec_of(op.kind).tiles(op, tg.graph.tensors, tg.target.tiling)[0]))
+            if len(tg.tile[t]) != arity:
+                raise VerificationError(f"task {t} ({op.name}) has tile {list(tg.tile[t])}, but {op.kind} tiles have {arity} values")
+    for name in tg.graph.tensors:
+        if tg.placement.home.get(name) not in tg.placement.buffers:
+            raise VerificationError(f"tensor {name!r} has no buffer in the placement")
     counts = [0] * events
     for t in range(n):
         if not 0 <= tg.wait[t] < end:
@@ -71,9 +91,6 @@ def check_structure(tg: TaskGraph) -> None:
         raise VerificationError(f"event consumer ranges cover {waiting} tasks, but there are {n}")
 
 
-BEGIN_EVENT = 0
-
-
 def _task_accesses(tg: TaskGraph) -> list[list[tuple[str, Box, bool, bool]]]:
     """Return, per task: (buffer, box, is_write, is_in_place_update) from the specs."""
     out: list[list[tuple[str, Box, bool, bool]]] = []
@@ -94,14 +111,29 @@ def _task_accesses(tg: TaskGraph) -> list[list[tuple[str, Box, bool, bool]]]:
 
 
 def check_coverage(tg: TaskGraph, accesses: list) -> None:
+    """Every access stays inside its buffer, every operator has exactly the tiles its spec
+    cuts for the target, and the tiles write disjoint boxes that cover fresh outputs.
+    """
     by_op: dict[int, dict[str, list[tuple[int, Box, bool]]]] = {}
+    tiles: dict[int, list[tuple[int, ...]]] = {}
     for t in range(tg.num_tasks):
+        tiles.setdefault(tg.op[t], []).append(tuple(tg.tile[t]))
         for buffer, box, write, in_place in accesses[t]:
+            _check_bounds(tg, t, buffer, box)
             if write:
                 by_op.setdefault(tg.op[t], {}).setdefault(buffer, []).append((t, box, in_place))
     for index, op in enumerate(tg.graph.ops):
         if index not in by_op:
             raise VerificationError(f"operator {op.name!r} has no tasks")
+        expected = sorted(tuple(tile) for tile in spec_of(op.kind).tiles(op, tg.graph.tensors, tg.target.tiling))
+        found = sorted(tiles[index])
+        if found != expected:
+            missing = sorted(set(expected) - set(found))
+            extra = sorted(set(found) - set(expected))
+            raise VerificationError(
+                f"operator {op.name!r} has {len(found)} tiles where its spec cuts {len(expected)} for {tg.target.name}"
+                f"{f'; missing tiles {missing[:4]}' if missing else ''}{f'; unexpected tiles {extra[:4]}' if extra else ''}"
+            )
         for buffer, writes in by_op[index].items():
             _check_disjoint(tg, buffer, writes)
             if all(in_place for _, _, in_place in writes):
@@ -110,6 +142,12 @@ def check_coverage(tg: TaskGraph, accesses: list) -> None:
             written = sum(box_volume(box) for _, box, _ in writes)
             if written != box_volume(tuple((0, s) for s in shape)):
                 raise VerificationError(f"the tiles of operator {op.name!r} write {written} of the {box_volume(tuple((0, s) for s in shape))} elements of buffer {buffer!r}: a tile is missing")
+
+
+def _check_bounds(tg: TaskGraph, task: int, buffer: str, box: Box) -> None:
+    shape = tg.placement.buffers[buffer].shape
+    if len(box) != len(shape) or any(not 0 <= lo < hi <= n for (lo, hi), n in zip(box, shape)):
+        raise VerificationError(f"{tg.task_label(task)} accesses buffer {buffer!r} at {format_box(box)}, outside its shape {list(shape)}")
 
 
 def _check_disjoint(tg: TaskGraph, buffer: str, writes: list[tuple[int, Box, bool]]) -> None:

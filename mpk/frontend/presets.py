@@ -125,5 +125,5 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(
-            f"Unknown model preset {name!r}. Known presets: {', '.join(sorted(PRESETS))}."
+            f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}"
         ) from None

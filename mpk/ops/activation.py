@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import TensorSpec
-from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, expect_rank, register
+from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, Tile, TilingPlan, expect_rank, register
 from mpk.ops.linear import linear_tiles
 
 
@@ -48,6 +48,10 @@ class SiluMulSpec(OpSpec):
         c0, c1 = tile
         tokens = tensors[op.outputs["out"]].shape[0]
         return Cost(super().cost(op, tensors, tile).bytes, 6 * tokens * (c1 - c0))
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, width = tensors[op.outputs["out"]].shape
+        return f"mpk::cpu::silu_mul_task<{tokens}, {width}>({arg.pointer('gate_up')}, {arg.pointer('out')}, tile[0], tile[1]);"
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         c0, c1 = tile

@@ -11,7 +11,7 @@ import math
 import torch
 
 from mpk.ir.tensor import TensorSpec
-from mpk.ops.base import Access, Op, OpSpec, Tile, TilingPlan, attr, expect_rank, expect_shape, register
+from mpk.ops.base import Access, KernelArgs, Op, OpSpec, Tile, TilingPlan, attr, expect_rank, expect_shape, register
 
 
 @register
@@ -49,6 +49,12 @@ class ArgmaxPartialSpec(OpSpec):
             Access("indices", slot, True),
         ]
 
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, vocab = tensors[op.inputs["logits"]].shape
+        parts = tensors[op.outputs["values"]].shape[1]
+        return (f"mpk::cpu::argmax_partial_task<{tokens}, {vocab}, {parts}, {op.attrs['chunk']}>({arg.pointer('logits')}, "
+                f"{arg.pointer('values')}, {arg.pointer('indices')}, tile[0]);")
+
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         (part,) = tile
         chunk = op.attrs["chunk"]
@@ -81,6 +87,10 @@ class ArgmaxReduceSpec(OpSpec):
         rows, parts = tensors[op.inputs["values"]].shape
         whole = ((0, rows), (0, parts))
         return [Access("values", whole, False), Access("indices", whole, False), Access("out", ((0, rows),), True)]
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, parts = tensors[op.inputs["values"]].shape
+        return f"mpk::cpu::argmax_reduce_task<{tokens}, {parts}>({arg.pointer('values')}, {arg.pointer('indices')}, {arg.pointer('out')});"
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         # Chunks are in token order, so the first maximal chunk holds the lowest maximal id.

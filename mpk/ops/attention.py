@@ -13,7 +13,7 @@ import torch
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import TensorSpec
-from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register
+from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, cpp_float, Tile, TilingPlan, expect_rank, expect_shape, register
 from mpk.ops.norm import check_qkv, group_columns, head_layout
 from mpk.ops.tiling import split
 
@@ -93,6 +93,17 @@ class RopeSpec(OpSpec):
         width = (heads // kv_heads + 2) * head_dim
         return Cost(tokens * (2 * width + 4 * head_dim) * 4, 6 * tokens * width)
 
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        heads, kv_heads, head_dim = head_layout(op)
+        tokens, row = tensors[op.inputs["qkv"]].shape
+        cache_len = tensors[op.outputs["k_cache"]].shape[0]
+        q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
+        v_base = k_base + kv_heads * head_dim
+        return (f"mpk::cpu::rope_task<{tokens}, {row}, {head_dim}, {kv_heads}, {cache_len}>({arg.pointer('out')}, "
+                f"{arg.pointer('positions')}, {arg.pointer('cos')}, {arg.pointer('sin')}, {arg.pointer('k_cache')}, "
+                f"{arg.pointer('v_cache')}, tile[0], tile[0] * {q_width}, (tile[0] + 1) * {q_width}, "
+                f"{k_base} + tile[0] * {head_dim}, {v_base} + tile[0] * {head_dim});")
+
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         (group,) = tile
         head_dim = op.attrs["head_dim"]
@@ -159,6 +170,17 @@ class AttentionSpec(OpSpec):
         group_heads = heads // kv_heads
         cache_bytes = 2 * context * head_dim * 4
         return Cost(cache_bytes + (r1 - r0) * group_heads * head_dim * 8, 4 * (r1 - r0) * group_heads * context * head_dim)
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        heads, kv_heads, head_dim = head_layout(op)
+        tokens, row = tensors[op.inputs["qkv"]].shape
+        cache_len = tensors[op.inputs["k_cache"]].shape[0]
+        out_cols = tensors[op.outputs["out"]].shape[1]
+        q_width = heads // kv_heads * head_dim
+        return (f"mpk::cpu::attention_task<{tokens}, {row}, {head_dim}, {kv_heads}, {cache_len}, {out_cols}>("
+                f"{arg.pointer('qkv')}, {arg.pointer('positions')}, {arg.pointer('k_cache')}, {arg.pointer('v_cache')}, "
+                f"{arg.pointer('out')}, {cpp_float(op.attrs['scale'])}, tile[0], tile[1], tile[2], "
+                f"tile[0] * {q_width}, (tile[0] + 1) * {q_width});")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         group, r0, r1 = tile

@@ -110,8 +110,29 @@ class OpSpec:
         """Execute one task with torch, on tensors bound by role (the reference semantics)."""
         raise NotImplementedError
 
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: "KernelArgs") -> str:
+        """Return the C++ statement that runs one task of ``op`` on the CPU backend. It may use
+        ``tile[i]``; shapes go in as template arguments, so they are compile-time constants.
+        """
+        raise NotImplementedError
+
     def describe_tile(self, op: Op, tile: Tile) -> str:
         return ",".join(str(v) for v in tile)
+
+
+class KernelArgs:
+    """C++ expressions for an operator's tensors, supplied by a code generator."""
+
+    def pointer(self, role: str) -> str:
+        raise NotImplementedError
+
+    def element(self, role: str) -> str:
+        """The C++ element type of the tensor bound to ``role`` (float, mpk::bf16, int64_t)."""
+        raise NotImplementedError
+
+
+def cpp_float(value: float) -> str:
+    return f"static_cast<float>({float(value)!r})"
 
 
 SPECS: dict[str, OpSpec] = {}

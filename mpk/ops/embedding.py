@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
-from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, expect_rank, register
+from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, Tile, TilingPlan, expect_rank, register
 from mpk.ops.tiling import column_parts, split
 
 
@@ -45,6 +45,11 @@ class EmbeddingSpec(OpSpec):
         element_bytes = DTYPE_BYTES[tensors[op.inputs["weight"]].dtype] + DTYPE_BYTES[tensors[op.outputs["out"]].dtype]
         # Only the looked-up rows are read, not the whole band that accesses() declares.
         return Cost(tokens * ((c1 - c0) * element_bytes + 8), 0)
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, hidden = tensors[op.outputs["out"]].shape
+        return (f"mpk::cpu::embedding_task<{tokens}, {hidden}, {arg.element('weight')}>("
+                f"{arg.pointer('tokens')}, {arg.pointer('weight')}, {arg.pointer('out')}, tile[0], tile[1]);")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         c0, c1 = tile

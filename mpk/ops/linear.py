@@ -6,7 +6,7 @@ import torch
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import TensorSpec
-from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register
+from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register
 from mpk.ops.tiling import column_parts, split_segments
 
 
@@ -73,6 +73,14 @@ class LinearSpec(OpSpec):
         tokens, features = tensors[op.inputs["x"]].shape
         moved = super().cost(op, tensors, tile)
         return Cost(moved.bytes, 2 * tokens * features * (c1 - c0))
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, features = tensors[op.inputs["x"]].shape
+        columns = tensors[op.inputs["weight"]].shape[0]
+        residual = "residual" in op.inputs
+        return (f"mpk::cpu::linear_task<{tokens}, {features}, {columns}, {arg.element('weight')}, {str(residual).lower()}>("
+                f"{arg.pointer('x')}, {arg.pointer('weight')}, {arg.pointer('residual') if residual else 'nullptr'}, "
+                f"{arg.pointer('out')}, tile[0], tile[1]);")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         c0, c1 = tile

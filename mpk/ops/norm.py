@@ -6,7 +6,7 @@ import torch
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import TensorSpec
-from mpk.ops.base import Access, Cost, Op, OpSpec, Tile, TilingPlan, attr, expect_rank, expect_shape, register
+from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, Tile, TilingPlan, attr, cpp_float, expect_rank, expect_shape, register
 from mpk.ops.tiling import split
 
 
@@ -50,6 +50,11 @@ class RmsNormSpec(OpSpec):
         moved = super().cost(op, tensors, tile)
         r0, r1 = tile
         return Cost(moved.bytes, 4 * (r1 - r0) * tensors[op.inputs["x"]].shape[1])
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        hidden = tensors[op.inputs["x"]].shape[1]
+        return (f"mpk::cpu::rmsnorm_task<{hidden}, {arg.element('weight')}>({arg.pointer('x')}, {arg.pointer('weight')}, "
+                f"{arg.pointer('out')}, {cpp_float(op.attrs['eps'])}, tile[0], tile[1]);")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         r0, r1 = tile
@@ -120,6 +125,14 @@ class QkNormSpec(OpSpec):
             Access("out", (rows, q), True),
             Access("out", (rows, k), True),
         ]
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        heads, kv_heads, head_dim = head_layout(op)
+        tokens, row = tensors[op.inputs["qkv"]].shape
+        q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
+        return (f"mpk::cpu::qk_norm_task<{tokens}, {row}, {head_dim}, {arg.element('q_weight')}>({arg.pointer('out')}, "
+                f"{arg.pointer('q_weight')}, {arg.pointer('k_weight')}, {cpp_float(op.attrs['eps'])}, "
+                f"tile[0] * {q_width}, (tile[0] + 1) * {q_width}, {k_base} + tile[0] * {head_dim}, {k_base} + (tile[0] + 1) * {head_dim});")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         head_dim, eps = op.attrs["head_dim"], op.attrs["eps"]
