@@ -53,14 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     demo.set_defaults(func=run_demo)
 
+    bench = commands.add_parser("bench", parents=[common], help="per-token decode latency: mpk, transformers eager, torch.compile, memory floor")
+    bench.add_argument("model", type=Path, help="checkpoint directory")
+    bench.add_argument("--backend", default="cpu", choices=["cpu"], help="backend to measure (default cpu)")
+    bench.add_argument("--workers", type=int, default=None, help="threads for mpk and the baselines (default: all cores)")
+    bench.add_argument("--steps", type=int, default=64, help="decode steps measured (default 64)")
+    bench.add_argument("--mode", default="static", choices=["static", "dynamic"], help="scheduling mode (default static)")
+    bench.add_argument("--no-baselines", action="store_true", help="measure mpk and the memory floor only")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (it compiles for a minute or more)")
+    bench.set_defaults(func=run_bench)
+
     inspect = commands.add_parser("inspect", parents=[common], help="summarize a compiled task graph")
     inspect.add_argument("taskgraph", type=Path, help="directory (or file) written by mpk compile")
     inspect.set_defaults(func=run_inspect)
 
     generate = commands.add_parser("generate", parents=[common], help="greedy decoding of token ids")
     generate.add_argument("model", type=Path, help="checkpoint directory: config.json and safetensors")
-    generate.add_argument("--backend", default="reference", help="execution backend: reference (default)")
-    generate.add_argument("--prompt-ids", required=True, help="comma-separated prompt token ids, e.g. 1,2,3")
+    generate.add_argument("--backend", default="cpu", choices=["cpu", "reference"],
+                          help="cpu: the compiled persistent kernel on CPU threads (default); reference: torch, task by task, in a random order the events allow")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt", help="prompt text, encoded with the checkpoint's own tokenizer")
+    generate.add_argument("--mode", default="static", choices=["static", "dynamic"],
+                          help="cpu backend scheduling: static assignment (default) or dynamic dispatch by a scheduler thread")
+    generate.add_argument("--trace", type=Path, default=None, help="cpu backend: write the last decode step's per-task timeline to this Chrome/Perfetto JSON file")
     generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     generate.add_argument("--chunk", type=int, default=16, help="prompt tokens per iteration (default 16)")
     generate.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots (default: prompt plus new tokens, rounded up to 64)")
@@ -111,6 +127,20 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo(args.dir, args.workers, args.max_new_tokens, print)
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    import os
+
+    from mpk.bench import run_bench as bench
+
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise MpkError(f"--workers must be at least 1, got {workers}")
+    if args.steps < 2:
+        raise MpkError(f"--steps must be at least 2, got {args.steps}")
+    bench(args.model, workers, args.steps, args.mode, not args.no_baselines, not args.no_compile, print)
+    return 0
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from mpk.compiler.taskgraph import load_task_graph
     from mpk.compiler.verify import verify
@@ -128,7 +158,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from mpk.generate import Session, cache_length
     from mpk.target import make_target
 
-    prompt = parse_ids(args.prompt_ids)
+    tokenizer = load_tokenizer(args.model) if args.prompt is not None else None
+    prompt = parse_ids(args.prompt_ids) if tokenizer is None else tokenizer.encode(args.prompt)
+    if not prompt:
+        raise MpkError(f"the prompt {args.prompt!r} encodes to no tokens; pass a longer prompt")
     if args.chunk < 1:
         raise MpkError(f"--chunk must be at least 1, got {args.chunk}")
     cfg = load_config(args.model)
@@ -137,12 +170,23 @@ def run_generate(args: argparse.Namespace) -> int:
     # The last new token is never fed back, so it needs no cache slot.
     max_seq_len = cache_length(cfg, len(prompt) + args.max_new_tokens - 1, args.max_seq_len)
     target = make_target(args.target, args.workers)
-    session = Session(args.model, max_seq_len=max_seq_len, chunk=args.chunk, backend=args.backend, target=target, seed=args.seed)
+    if args.trace is not None and args.backend != "cpu":
+        raise MpkError("--trace needs --backend cpu")
+    session = Session(args.model, max_seq_len=max_seq_len, chunk=args.chunk, backend=args.backend, target=target,
+                      seed=args.seed, mode=args.mode, trace=args.trace is not None)
     start = time.perf_counter()
     result = session.generate(prompt, args.max_new_tokens)
     elapsed = time.perf_counter() - start
-    print(",".join(str(t) for t in result.tokens), flush=True)
-    print(f"{len(result.tokens)} tokens in {elapsed:.2f} s with the {args.backend} backend", file=sys.stderr)
+    if tokenizer is not None:
+        print(tokenizer.decode(result.tokens), flush=True)
+    else:
+        print(",".join(str(t) for t in result.tokens), flush=True)
+    print(f"{len(result.tokens)} tokens in {elapsed:.2f} s ({len(result.tokens) / elapsed:.1f} tokens/s) "
+          f"with the {args.backend} backend, {target.workers} workers", file=sys.stderr)
+    if args.trace is not None:
+        path = session.executors[1].write_trace(args.trace)
+        print(f"trace of the last decode step: {path} (open it in https://ui.perfetto.dev)", file=sys.stderr)
+    session.close()
     if args.verify:
         return verify_against_transformers(args.model, prompt, result)
     return 0
@@ -161,6 +205,18 @@ def verify_against_transformers(model: Path, prompt: list[int], result) -> int:
     print(f"verify: OK: {len(ref_tokens)} tokens equal transformers'; logits relative error {mismatch.logits_rel_error:.3e} "
           f"(worst step {mismatch.worst_step_rel_error:.3e})", file=sys.stderr)
     return 0
+
+
+def load_tokenizer(model: Path):
+    """The checkpoint's own tokenizer, through transformers, offline."""
+    from transformers import AutoTokenizer
+
+    if not any((model / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise MpkError(f"{model} has no tokenizer (tokenizer.json or tokenizer_config.json); pass token ids with --prompt-ids")
+    try:
+        return AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise MpkError(f"cannot load the tokenizer in {model}: {exc}; pass token ids with --prompt-ids") from None
 
 
 def parse_ids(text: str) -> list[int]:

@@ -6,6 +6,7 @@ safetensors format) and reused from the cache directory afterwards.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ DEMO_SHAPE = {
     "num_heads": 8, "num_kv_heads": 4, "head_dim": 32, "vocab_size": 4096, "max_positions": 512,
 }
 DEMO_PROMPT = [11, 42, 7, 300, 1999, 5, 77, 1024, 3, 640]
+DECODE_STEPS_TIMED = 64
 
 
 def default_cache() -> Path:
@@ -38,6 +40,8 @@ def ensure_checkpoint(directory: Path) -> tuple[Path, bool]:
 
 def run_demo(directory: Path | None, workers: int | None, max_new_tokens: int, report) -> int:
     """Build (once), compile, generate and verify; ``report`` prints one line of progress."""
+    from mpk.backends.cpu.bandwidth import measure_read_bandwidth
+    from mpk.bench import PROMPT_TOKENS, bytes_per_token, time_mpk
     from mpk.generate import Session, cache_length
     from mpk.hf_reference import compare, transformers_greedy
     from mpk.target import cpu_target
@@ -50,17 +54,21 @@ def run_demo(directory: Path | None, workers: int | None, max_new_tokens: int, r
 
     start = time.perf_counter()
     target = cpu_target(workers)
-    session = Session(model_dir, max_seq_len=cache_length(cfg, len(DEMO_PROMPT) + max_new_tokens - 1, None), target=target)
+    needed = max(len(DEMO_PROMPT) + max_new_tokens - 1, PROMPT_TOKENS + DECODE_STEPS_TIMED)
+    session = Session(model_dir, max_seq_len=cache_length(cfg, needed, None), target=target)
     decode = session.graphs[1]
-    report(f"compiled for {target.name} in {time.perf_counter() - start:.2f} s: decode step of {decode.num_tasks} tasks, "
+    report(f"compiled and built for {target.name} in {time.perf_counter() - start:.2f} s: decode step of {decode.num_tasks} tasks, "
            f"{decode.num_events} events; prompt chunk of {session.graphs[session.chunk].num_tasks} tasks")
 
-    start = time.perf_counter()
     result = session.generate(DEMO_PROMPT, max_new_tokens)
-    elapsed = time.perf_counter() - start
-    report(f"generated {len(result.tokens)} tokens with the reference executor in {elapsed:.2f} s "
-           f"({len(result.tokens) / elapsed:.1f} tokens/s; it runs tasks one by one in torch, to check the graph, not for speed)")
+    seconds = statistics.median(time_mpk(session, DECODE_STEPS_TIMED))
+    token_bytes = bytes_per_token(session, len(DEMO_PROMPT) + max_new_tokens)
+    session.close()
+    bandwidth = measure_read_bandwidth(target.workers, megabytes=max(8, token_bytes // 2**20), repeats=10)
     report("tokens: " + ",".join(str(t) for t in result.tokens))
+    report(f"decode: {seconds * 1e3:.3f} ms/token, {1 / seconds:.0f} tokens/s, {token_bytes / seconds / 1e9:.1f} GB/s; "
+           f"memory floor {token_bytes / bandwidth * 1e3:.3f} ms ({token_bytes / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s measured), "
+           f"{token_bytes / bandwidth / seconds * 100:.0f}% of the floor")
 
     ref_tokens, ref_logits = transformers_greedy(model_dir, DEMO_PROMPT, max_new_tokens)
     mismatch = compare(result.tokens, result.logits, ref_tokens, ref_logits)

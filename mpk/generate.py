@@ -26,7 +26,7 @@ from mpk.target import Target, cpu_target
 
 log = logging.getLogger("mpk.generate")
 
-BACKENDS = ("reference",)
+BACKENDS = ("cpu", "reference")
 
 
 @dataclass
@@ -52,8 +52,9 @@ def cache_length(cfg: ModelConfig, needed: int, requested: int | None) -> int:
 class Session:
     """A model compiled for one backend, with its KV cache."""
 
-    def __init__(self, model_dir: str | Path, *, max_seq_len: int, chunk: int = 16, backend: str = "reference",
-                 target: Target | None = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model_dir: str | Path, *, max_seq_len: int, chunk: int = 16, backend: str = "cpu",
+                 target: Target | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, mode: str = "static",
+                 trace: bool = False, watchdog_seconds: float = 10.0, max_delay_ns: int = 0, sanitize: str | None = None) -> None:
         if backend not in BACKENDS:
             raise MpkError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
         self.cfg = load_config(model_dir)
@@ -64,11 +65,18 @@ class Session:
         for tokens in sorted({1, self.chunk}):
             self.graphs[tokens] = compile_graph(decoder_graph(self.cfg, tokens, max_seq_len, self.target), self.target)
         checkpoint = Checkpoint(model_dir)
-        weights = load_weights(self.graphs[1].graph, checkpoint)
+        weights = load_weights(self.graphs[1].graph, checkpoint, keep_bf16=backend == "cpu")
         state = new_state(self.graphs[1], dtype)
-        self.executors = {
-            tokens: ReferenceExecutor(tg, weights, state, seed=seed + tokens, dtype=dtype) for tokens, tg in self.graphs.items()
-        }
+        self.backend = backend
+        self.executors = {}
+        for tokens, tg in self.graphs.items():
+            if backend == "reference":
+                self.executors[tokens] = ReferenceExecutor(tg, weights, state, seed=seed + tokens, dtype=dtype)
+            else:
+                from mpk.backends.cpu.executor import CpuExecutor
+
+                self.executors[tokens] = CpuExecutor(tg, weights, state, mode=mode, trace=trace, watchdog_seconds=watchdog_seconds,
+                                                     max_delay_ns=max_delay_ns, sanitize=sanitize)
         self.position = 0
 
     def step(self, tokens: list[int]) -> tuple[int, torch.Tensor]:
@@ -86,12 +94,19 @@ class Session:
         out = self.executors[rows].run({"tokens": ids, "positions": positions})
         self.position += len(tokens)
         last = len(tokens) - 1
-        return int(out["argmax.reduce.out"][last]), out["lm_head.out"][last]
+        # The CPU backend's outputs are its live buffers: copy what outlives this step.
+        return int(out["argmax.reduce.out"][last]), out["lm_head.out"][last].clone()
 
     def _check_tokens(self, tokens: list[int]) -> None:
         for t in tokens:
             if not 0 <= t < self.cfg.vocab_size:
                 raise MpkError(f"token id {t} is outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+
+    def close(self) -> None:
+        """Stop the backend's worker threads."""
+        for executor in self.executors.values():
+            if hasattr(executor, "close"):
+                executor.close()
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
         """Greedy-decode ``max_new_tokens`` tokens after ``prompt``, from position 0: the KV

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,15 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tie_word_embeddings=True,
         rope_scaling=LLAMA3_TEST_ROPE_SCALING,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_build_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Build the CPU backend's libraries into a fresh cache, as on a clean machine."""
+    previous = os.environ.get("MPK_CACHE_DIR")
+    os.environ["MPK_CACHE_DIR"] = str(tmp_path_factory.mktemp("mpk-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MPK_CACHE_DIR", None)
+    else:
+        os.environ["MPK_CACHE_DIR"] = previous

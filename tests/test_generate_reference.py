@@ -47,7 +47,7 @@ def model(request: pytest.FixtureRequest) -> Model:
 def make_session(model_dir: Path, target: Target, seed: int, chunk: int) -> Session:
     cfg = load_config(model_dir)
     max_seq_len = cache_length(cfg, len(PROMPT) + NEW_TOKENS, None)
-    return Session(model_dir, max_seq_len=max_seq_len, chunk=chunk, target=target, seed=seed)
+    return Session(model_dir, max_seq_len=max_seq_len, chunk=chunk, target=target, seed=seed, backend="reference")
 
 
 def run_greedy(model_dir: Path, target: Target, seed: int = 0, chunk: int = 4) -> Generation:

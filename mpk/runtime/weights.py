@@ -12,13 +12,19 @@ from mpk.ir.graph import OpGraph
 from mpk.ir.tensor import TensorKind, TensorSpec
 
 
-def load_weights(graph: OpGraph, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Return every weight of ``graph`` by tensor name, converted to ``dtype``.
+def load_weights(graph: OpGraph, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, keep_bf16: bool = False) -> dict[str, torch.Tensor]:
+    """Return every weight of ``graph`` by tensor name, converted to ``dtype``; with
+    ``keep_bf16``, bfloat16 checkpoint tensors stay bfloat16. Generated tables (rope) are
+    always float32.
 
     Checkpoint tensors are checked against the shapes the graph expects, so a checkpoint
     that does not match its config fails here with the tensor and file named.
     """
-    return {spec.name: load_weight(spec, checkpoint, dtype) for spec in graph.tensors_of(TensorKind.WEIGHT)}
+    weights = {}
+    for spec in graph.tensors_of(TensorKind.WEIGHT):
+        stored = torch.bfloat16 if keep_bf16 and spec.dtype == "bfloat16" and not spec.source.generator else dtype
+        weights[spec.name] = load_weight(spec, checkpoint, stored)
+    return weights
 
 
 def load_weight(spec: TensorSpec, checkpoint: Checkpoint, dtype: torch.dtype) -> torch.Tensor:
@@ -26,7 +32,7 @@ def load_weight(spec: TensorSpec, checkpoint: Checkpoint, dtype: torch.dtype) ->
     if source is None:
         raise CheckpointError(f"weight {spec.name!r} has no source: name the checkpoint tensors it comes from")
     if source.generator:
-        return generate_table(spec, dtype)
+        return generate_table(spec, torch.float32)
     rows = source.params.get("rows", [spec.shape[0]])
     if len(rows) != len(source.names) or sum(rows) != spec.shape[0]:
         raise CheckpointError(f"weight {spec.name!r}: parts {list(source.names)} with rows {rows} do not make shape {list(spec.shape)}")

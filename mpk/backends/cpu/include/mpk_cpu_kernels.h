@@ -1,0 +1,453 @@
+// Vectorized CPU task kernels: one function template per operator kind, each computing
+// one task (one tile) of the operator exactly as the `run` method of its spec in mpk/ops
+// does with torch.
+//
+// Conventions shared by every kernel:
+//   - Activations, the KV cache and the rope tables are float32, row-major and contiguous.
+//   - Weights are float or mpk::bf16 (template parameter W); bf16 is widened to float on
+//     load, and every sum accumulates in float32.
+//   - Template parameters are the operator's shapes, fixed at code generation; the tile
+//     bounds are runtime ints.
+//   - The vector path comes from mpk_simd.h (AVX-512, AVX2 + FMA or scalar).
+//
+// The kernels rely on IEEE float semantics (NaN propagation, NaN tests and infinities in
+// exp), so they must not be compiled with -ffast-math or -ffinite-math-only.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "mpk_simd.h"
+
+namespace mpk::cpu {
+
+namespace detail {
+
+using simd::kWidth;
+using simd::Vec;
+
+// Tag for a full vector. The body of for_each_vector receives it for full vectors and a
+// plain int count for the tail, so the overloads below pick a plain or a masked access at
+// compile time.
+using Full = std::integral_constant<int, kWidth>;
+
+template <typename W>
+inline Vec load_n(const W* p, Full) {
+    return simd::load(p);
+}
+template <typename W>
+inline Vec load_n(const W* p, int count) {
+    return simd::load_partial(p, count);
+}
+inline void store_n(float* p, Vec a, Full) { simd::store(p, a); }
+inline void store_n(float* p, Vec a, int count) { simd::store_partial(p, a, count); }
+
+// Calls body(i, count) for consecutive vectors covering [begin, end): count is Full{} for
+// whole vectors and an int in [1, kWidth) for the tail.
+template <typename Body>
+inline void for_each_vector(int begin, int end, Body&& body) {
+    int i = begin;
+    for (; i + kWidth <= end; i += kWidth) body(i, Full{});
+    if (i < end) body(i, end - i);
+}
+
+template <int N>
+inline float dot(const float* a, const float* b) {
+    Vec sum = simd::zero();
+    for_each_vector(0, N, [&](int i, auto count) { sum = simd::fmadd(load_n(a + i, count), load_n(b + i, count), sum); });
+    return simd::reduce_add(sum);
+}
+
+// out = weight * (x * rsqrt(mean(x^2) + eps)) over one row of H elements, in the order of
+// transformers' LlamaRMSNorm and Qwen3RMSNorm. out may equal x.
+template <int H, typename W>
+inline void rms_normalize_row(const float* x, const W* weight, float* out, float eps) {
+    Vec squares = simd::zero();
+    for_each_vector(0, H, [&](int i, auto count) {
+        Vec v = load_n(x + i, count);
+        squares = simd::fmadd(v, v, squares);
+    });
+    const float mean = simd::reduce_add(squares) / static_cast<float>(H);
+    const Vec inverse_rms = simd::broadcast(1.0f / std::sqrt(mean + eps));
+    for_each_vector(0, H, [&](int i, auto count) {
+        store_n(out + i, load_n(weight + i, count) * (load_n(x + i, count) * inverse_rms), count);
+    });
+}
+
+// Rows of the weight and of x handled together by the linear microkernel. Each of the
+// TOKENS x ROWS accumulators is a register, plus ROWS weight vectors and one x vector:
+// 4 x 4 + 5 = 21 of the 32 zmm registers, 2 x 4 + 5 = 13 of the 16 ymm registers.
+inline constexpr int kLinearRows = 4;
+#if defined(MPK_SIMD_AVX2)
+inline constexpr int kLinearTokens = 2;
+#else
+inline constexpr int kLinearTokens = 4;
+#endif
+
+// dots[t][r] = x[t, :] . w[r, :] for TOKENS rows of x and ROWS rows of w, all K long.
+// Each weight vector is loaded once and used for all TOKENS rows of x. Each load also
+// prefetches the same columns kLinearRows rows further on, which the next row group
+// reads. In benchmarks/cpu_kernels.py (K=1024, N=3072, one thread, 2-core AMD EPYC VM)
+// that raised bf16 weight streaming from DRAM from 23 to 32 GB/s; its 2 KB rows, read as
+// four interleaved streams, seem too short for the hardware prefetchers alone.
+// Prefetching past the end of the weights is harmless because prefetches never fault.
+template <int K, int TOKENS, int ROWS, typename W>
+inline void dot_block(const float* x, const W* w, float (&dots)[TOKENS][ROWS]) {
+    Vec acc[TOKENS][ROWS];
+#pragma GCC unroll 16
+    for (int t = 0; t < TOKENS; ++t) {
+#pragma GCC unroll 16
+        for (int r = 0; r < ROWS; ++r) acc[t][r] = simd::zero();
+    }
+    for_each_vector(0, K, [&](int k, auto count) {
+        Vec weights[ROWS];
+#pragma GCC unroll 16
+        for (int r = 0; r < ROWS; ++r) {
+            const W* at = w + static_cast<std::ptrdiff_t>(r) * K + k;
+            weights[r] = load_n(at, count);
+            simd::prefetch(at + static_cast<std::ptrdiff_t>(kLinearRows) * K);
+        }
+#pragma GCC unroll 16
+        for (int t = 0; t < TOKENS; ++t) {
+            const Vec xv = load_n(x + static_cast<std::ptrdiff_t>(t) * K + k, count);
+#pragma GCC unroll 16
+            for (int r = 0; r < ROWS; ++r) acc[t][r] = simd::fmadd(xv, weights[r], acc[t][r]);
+        }
+    });
+#pragma GCC unroll 16
+    for (int t = 0; t < TOKENS; ++t) {
+#pragma GCC unroll 16
+        for (int r = 0; r < ROWS; ++r) dots[t][r] = simd::reduce_add(acc[t][r]);
+    }
+}
+
+// out[t0 + t, n + r] = dots (+ residual) for one TOKENS x ROWS block. Reading residual[i]
+// before writing out[i], element by element, keeps residual == out safe.
+template <int K, int N, int TOKENS, int ROWS, typename W, bool RESIDUAL>
+inline void linear_block(const float* x, const W* w, const float* residual, float* out, int t0, int n) {
+    float dots[TOKENS][ROWS];
+    dot_block<K, TOKENS, ROWS>(x + static_cast<std::ptrdiff_t>(t0) * K, w, dots);
+    for (int t = 0; t < TOKENS; ++t) {
+        for (int r = 0; r < ROWS; ++r) {
+            const std::ptrdiff_t i = static_cast<std::ptrdiff_t>(t0 + t) * N + n + r;
+            float value = dots[t][r];
+            if constexpr (RESIDUAL) value += residual[i];
+            out[i] = value;
+        }
+    }
+}
+
+// All T rows of x against weight rows n..n+ROWS-1. The token blocks run one after the
+// other over the same ROWS x K weight slice, so the slice comes from memory once and from
+// cache for the later blocks.
+template <int T, int K, int N, int ROWS, typename W, bool RESIDUAL>
+inline void linear_rows(const float* x, const W* weight, const float* residual, float* out, int n) {
+    constexpr int kTokens = T < kLinearTokens ? T : kLinearTokens;
+    const W* w = weight + static_cast<std::ptrdiff_t>(n) * K;
+    int t0 = 0;
+    for (; t0 + kTokens <= T; t0 += kTokens) linear_block<K, N, kTokens, ROWS, W, RESIDUAL>(x, w, residual, out, t0, n);
+    if constexpr (T % kTokens != 0) linear_block<K, N, T % kTokens, ROWS, W, RESIDUAL>(x, w, residual, out, t0, n);
+}
+
+// Rotates one head in the rotate-half layout: out = x * cos + rotate_half(x) * sin with
+// rotate_half(x) = cat(-x[HD/2:], x[:HD/2]). out may equal x, because each step reads
+// x[i] and x[i + HD/2] before it writes them and no other step touches them.
+template <int HD>
+inline void rotate_half(const float* x, const float* cos, const float* sin, float* out) {
+    static_assert(HD % 2 == 0, "rotary embedding needs an even head_dim");
+    constexpr int kHalf = HD / 2;
+    for_each_vector(0, kHalf, [&](int i, auto count) {
+        const Vec low = load_n(x + i, count);
+        const Vec high = load_n(x + kHalf + i, count);
+        const Vec out_low = low * load_n(cos + i, count) - high * load_n(sin + i, count);
+        const Vec out_high = high * load_n(cos + kHalf + i, count) + low * load_n(sin + kHalf + i, count);
+        store_n(out + i, out_low, count);
+        store_n(out + kHalf + i, out_high, count);
+    });
+}
+
+// Attention processes up to kHeadBlock q heads of one KV group together, so each key and
+// value row is read once per head block. It walks the cache slots in blocks of
+// kSlotBlock, so the softmax rescaling and the exp run once per slot block.
+inline constexpr int kHeadBlock = 8;
+inline constexpr int kSlotBlock = 16;
+static_assert(kSlotBlock % kWidth == 0, "the score buffer is processed in whole vectors");
+
+// Causal attention of `heads` q heads (q: heads x HD, contiguous) over cache slots
+// 0..length-1 of one KV head. Keys and values are HD-wide rows NKV * HD floats apart.
+// The softmax is computed online: running max m and sum l per head, and the output
+// accumulator rescaled by exp(m_old - m_new) whenever a block raises the max.
+template <int HD, int NKV>
+inline void attend_heads(const float* q, int heads, const float* keys, const float* values, int length, float scale,
+                         float* out) {
+    constexpr int kVectors = (HD + kWidth - 1) / kWidth;
+    constexpr std::ptrdiff_t kSlotStride = static_cast<std::ptrdiff_t>(NKV) * HD;
+    Vec acc[kHeadBlock][kVectors];
+    float running_max[kHeadBlock];
+    float running_sum[kHeadBlock];
+    alignas(64) float weights[kHeadBlock][kSlotBlock];
+    for (int h = 0; h < heads; ++h) {
+        for (int v = 0; v < kVectors; ++v) acc[h][v] = simd::zero();
+        running_max[h] = -std::numeric_limits<float>::infinity();
+        running_sum[h] = 0.0f;
+    }
+
+    for (int j0 = 0; j0 < length; j0 += kSlotBlock) {
+        const int count = std::min(kSlotBlock, length - j0);
+        for (int j = 0; j < count; ++j) {
+            const float* key = keys + (j0 + j) * kSlotStride;
+            for (int h = 0; h < heads; ++h) weights[h][j] = dot<HD>(q + h * HD, key) * scale;
+        }
+
+        for (int h = 0; h < heads; ++h) {
+            float* w = weights[h];
+            float block_max = w[0];
+            for (int j = 1; j < count; ++j) block_max = std::max(block_max, w[j]);
+            const float new_max = std::max(running_max[h], block_max);
+            // exp(-inf) = 0 on the first block, which clears nothing because acc and the
+            // sum are still zero.
+            const float correction = std::exp(running_max[h] - new_max);
+            running_max[h] = new_max;
+
+            // Slots past `count` get -inf, so the whole-vector exp below turns them into 0.
+            for (int j = count; j < kSlotBlock; ++j) w[j] = -std::numeric_limits<float>::infinity();
+            const Vec shift = simd::broadcast(new_max);
+            for (int j = 0; j < kSlotBlock; j += kWidth) simd::store(w + j, simd::exp(simd::load(w + j) - shift));
+
+            float block_sum = 0.0f;
+            for (int j = 0; j < count; ++j) block_sum += w[j];
+            running_sum[h] = running_sum[h] * correction + block_sum;
+
+            const Vec rescale = simd::broadcast(correction);
+            for (int v = 0; v < kVectors; ++v) acc[h][v] = acc[h][v] * rescale;
+            for (int j = 0; j < count; ++j) {
+                const float* value = values + (j0 + j) * kSlotStride;
+                const Vec weight = simd::broadcast(w[j]);
+                for_each_vector(0, HD, [&](int i, auto n) {
+                    acc[h][i / kWidth] = simd::fmadd(weight, load_n(value + i, n), acc[h][i / kWidth]);
+                });
+            }
+        }
+    }
+
+    for (int h = 0; h < heads; ++h) {
+        const Vec total = simd::broadcast(running_sum[h]);
+        for_each_vector(0, HD, [&](int i, auto n) { store_n(out + h * HD + i, acc[h][i / kWidth] / total, n); });
+    }
+}
+
+// Updates (best, best_index) with x[begin..end) under torch.argmax's order: NaN ranks
+// above every number (the first NaN wins), and ties keep the lowest index.
+inline void argmax_scalar(const float* x, int begin, int end, float& best, int& best_index) {
+    for (int i = begin; i < end && !std::isnan(best); ++i) {
+        if (x[i] > best || std::isnan(x[i])) {
+            best = x[i];
+            best_index = i;
+        }
+    }
+}
+
+// Max and lowest argmax of x[0..count), count >= 1. Each lane keeps its own max and the
+// index where it first appeared. A NaN or an infinity in the vector part (caught because
+// v * 0 is then NaN) sends the whole range to argmax_scalar, which handles both.
+inline void argmax_range(const float* x, int count, float& best, int& best_index) {
+    best = x[0];
+    best_index = 0;
+    int i = 1;
+    if (count >= kWidth) {
+        const Vec step = simd::broadcast(static_cast<float>(kWidth));
+        Vec lane_best = simd::load(x);
+        Vec index = simd::iota();
+        Vec lane_index = index;
+        Vec special = lane_best * simd::zero();
+        for (i = kWidth; i + kWidth <= count; i += kWidth) {
+            const Vec v = simd::load(x + i);
+            index = index + step;
+            const simd::Mask larger = simd::greater(v, lane_best);
+            lane_best = simd::select(larger, v, lane_best);
+            lane_index = simd::select(larger, index, lane_index);
+            special = simd::fmadd(v, simd::zero(), special);
+        }
+        if (std::isnan(simd::reduce_add(special))) {
+            best = x[0];
+            best_index = 0;
+            argmax_scalar(x, 1, count, best, best_index);
+            return;
+        }
+        float lane_values[kWidth];
+        float lane_indices[kWidth];
+        simd::store(lane_values, lane_best);
+        simd::store(lane_indices, lane_index);
+        best = lane_values[0];
+        best_index = static_cast<int>(lane_indices[0]);
+        for (int lane = 1; lane < kWidth; ++lane) {
+            const int lane_at = static_cast<int>(lane_indices[lane]);
+            if (lane_values[lane] > best || (lane_values[lane] == best && lane_at < best_index)) {
+                best = lane_values[lane];
+                best_index = lane_at;
+            }
+        }
+    }
+    // The tail's indices are above every vector index, so a tie keeps the vector result.
+    argmax_scalar(x, i, count, best, best_index);
+}
+
+}  // namespace detail
+
+// out[t, c0:c1] = weight[tokens[t], c0:c1] for t < T. weight: [V, H]; out: [T, H].
+// NOTE: V is not a template parameter, so token ids are not range-checked here, while
+// the torch reference raises on an id outside [0, V). Callers must pass valid ids.
+template <int T, int H, typename W>
+void embedding_task(const int64_t* tokens, const W* weight, float* out, int c0, int c1) {
+    for (int t = 0; t < T; ++t) {
+        const W* row = weight + tokens[t] * H;
+        float* out_row = out + static_cast<std::ptrdiff_t>(t) * H;
+        detail::for_each_vector(c0, c1, [&](int c, auto count) {
+            detail::store_n(out_row + c, detail::load_n(row + c, count), count);
+        });
+    }
+}
+
+// Rows r0..r1-1: out[r] = weight * (x[r] * rsqrt(mean(x[r]^2) + eps)). x, out: [T, H];
+// weight: [H]. The variance is a float32 mean, as in transformers.
+template <int H, typename W>
+void rmsnorm_task(const float* x, const W* weight, float* out, float eps, int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+        const std::ptrdiff_t offset = static_cast<std::ptrdiff_t>(r) * H;
+        detail::rms_normalize_row<H>(x + offset, weight, out + offset, eps);
+    }
+}
+
+// out[t, n] = sum_k x[t, k] * weight[n, k] (+ residual[t, n]) for n in [c0, c1), t < T.
+// x: [T, K]; weight: [N, K]; residual, out: [T, N]; residual may equal out.
+// Weight rows go in groups of 4 with one accumulator each, so for T == 1 (decode) four
+// weight streams are in flight at once and each x vector is loaded once per group. For
+// T > 1 each weight vector is reused for up to 4 rows of x (2 with AVX2) while in registers.
+template <int T, int K, int N, typename W, bool RESIDUAL>
+void linear_task(const float* x, const W* weight, const float* residual, float* out, int c0, int c1) {
+    constexpr int kRows = detail::kLinearRows;
+    int n = c0;
+    for (; n + kRows <= c1; n += kRows) detail::linear_rows<T, K, N, kRows, W, RESIDUAL>(x, weight, residual, out, n);
+    for (; n < c1; ++n) detail::linear_rows<T, K, N, 1, W, RESIDUAL>(x, weight, residual, out, n);
+}
+
+// In place on qkv ([T, ROW]): RMSNorm of every HD-wide head in columns [q0, q1) with
+// q_weight and in columns [k0, k1) with k_weight (Qwen3's q_norm and k_norm). Both column
+// ranges are whole heads.
+template <int T, int ROW, int HD, typename W>
+void qk_norm_task(float* qkv, const W* q_weight, const W* k_weight, float eps, int q0, int q1, int k0, int k1) {
+    for (int t = 0; t < T; ++t) {
+        float* row = qkv + static_cast<std::ptrdiff_t>(t) * ROW;
+        for (int c = q0; c < q1; c += HD) detail::rms_normalize_row<HD>(row + c, q_weight, row + c, eps);
+        for (int c = k0; c < k1; c += HD) detail::rms_normalize_row<HD>(row + c, k_weight, row + c, eps);
+    }
+}
+
+// For each row t with 0 <= p = positions[t] < S: rotates the q heads in qkv[t, q0:q1) in
+// place, writes the rotated k head qkv[t, k0:k0+HD) to k_cache[p, group] and copies the
+// v head qkv[t, v0:v0+HD) to v_cache[p, group]. qkv's k and v columns stay unchanged.
+// Other rows get qkv[t, q0:q1) = 0 and touch no cache slot. cos, sin: [S, HD];
+// k_cache, v_cache: [S, NKV, HD].
+// NOTE: the torch reference raises on p >= S; here such a row is treated like padding,
+// so a bad position cannot write outside the cache.
+template <int T, int ROW, int HD, int NKV, int S>
+void rope_task(float* qkv, const int64_t* positions, const float* cos, const float* sin, float* k_cache,
+               float* v_cache, int group, int q0, int q1, int k0, int v0) {
+    for (int t = 0; t < T; ++t) {
+        float* row = qkv + static_cast<std::ptrdiff_t>(t) * ROW;
+        const int64_t p = positions[t];
+        if (p < 0 || p >= S) {
+            std::fill(row + q0, row + q1, 0.0f);
+            continue;
+        }
+        const float* cos_row = cos + p * HD;
+        const float* sin_row = sin + p * HD;
+        for (int c = q0; c < q1; c += HD) detail::rotate_half<HD>(row + c, cos_row, sin_row, row + c);
+        const std::ptrdiff_t slot = (p * NKV + group) * HD;
+        detail::rotate_half<HD>(row + k0, cos_row, sin_row, k_cache + slot);
+        std::memcpy(v_cache + slot, row + v0, sizeof(float) * HD);
+    }
+}
+
+// For rows r0..r1-1 with 0 <= p = positions[r] < S: each q head h in columns [q0, q1) of
+// qkv ([T, ROW]) attends over k_cache[0..p, group] and v_cache[0..p, group] ([S, NKV, HD]):
+// out[r, head columns] = softmax(q_h . k * scale) @ v, with out: [T, OUT_COLS]. Other rows
+// get out[r, q0:q1) = 0. Slots past p are never read (they may hold NaN).
+// NOTE: as in rope_task, p >= S is treated like padding where the reference would raise.
+template <int T, int ROW, int HD, int NKV, int S, int OUT_COLS>
+void attention_task(const float* qkv, const int64_t* positions, const float* k_cache, const float* v_cache, float* out,
+                    float scale, int group, int r0, int r1, int q0, int q1) {
+    const int heads = (q1 - q0) / HD;
+    for (int r = r0; r < r1; ++r) {
+        float* out_row = out + static_cast<std::ptrdiff_t>(r) * OUT_COLS;
+        const int64_t p = positions[r];
+        if (p < 0 || p >= S) {
+            std::fill(out_row + q0, out_row + q1, 0.0f);
+            continue;
+        }
+        const float* q = qkv + static_cast<std::ptrdiff_t>(r) * ROW + q0;
+        for (int h0 = 0; h0 < heads; h0 += detail::kHeadBlock) {
+            detail::attend_heads<HD, NKV>(q + h0 * HD, std::min(detail::kHeadBlock, heads - h0), k_cache + group * HD,
+                                          v_cache + group * HD, static_cast<int>(p) + 1, scale,
+                                          out_row + q0 + h0 * HD);
+        }
+    }
+}
+
+// out[t, c] = silu(gate_up[t, c]) * gate_up[t, I + c] for c in [c0, c1), t < T, with
+// silu(g) = g / (1 + exp(-g)), the formula torch's CPU silu uses. gate_up: [T, 2I];
+// out: [T, I]. On the vector paths exp is simd::exp (max relative error 7.6e-8), so the
+// result differs from torch's by rounding only.
+template <int T, int I>
+void silu_mul_task(const float* gate_up, float* out, int c0, int c1) {
+    const detail::Vec one = simd::broadcast(1.0f);
+    for (int t = 0; t < T; ++t) {
+        const float* gate = gate_up + static_cast<std::ptrdiff_t>(t) * 2 * I;
+        const float* up = gate + I;
+        float* out_row = out + static_cast<std::ptrdiff_t>(t) * I;
+        detail::for_each_vector(c0, c1, [&](int c, auto count) {
+            const detail::Vec g = detail::load_n(gate + c, count);
+            const detail::Vec silu = g / (one + simd::exp(simd::zero() - g));
+            detail::store_n(out_row + c, silu * detail::load_n(up + c, count), count);
+        });
+    }
+}
+
+// values[t, part], indices[t, part] = max and lowest argmax of
+// logits[t, part*CHUNK : min((part+1)*CHUNK, V)]. logits: [T, V]; values, indices: [T, P].
+// A NaN counts as the max, as in torch.argmax.
+template <int T, int V, int P, int CHUNK>
+void argmax_partial_task(const float* logits, float* values, int64_t* indices, int part) {
+    static_assert(P == (V + CHUNK - 1) / CHUNK, "P must be the number of CHUNK-wide parts of V");
+    // Lane indices are tracked as floats, exact below 2^24.
+    static_assert(CHUNK <= (1 << 24), "argmax chunks are limited to 2^24 columns");
+    const int begin = part * CHUNK;
+    const int count = std::min(CHUNK, V - begin);
+    for (int t = 0; t < T; ++t) {
+        float best;
+        int best_index;
+        detail::argmax_range(logits + static_cast<std::ptrdiff_t>(t) * V + begin, count, best, best_index);
+        values[t * P + part] = best;
+        indices[t * P + part] = begin + best_index;
+    }
+}
+
+// out[t] = indices[t, j] for the first part j with the largest values[t, j] (NaN counts
+// as largest). values, indices: [T, P]; out: [T].
+template <int T, int P>
+void argmax_reduce_task(const float* values, const int64_t* indices, int64_t* out) {
+    for (int t = 0; t < T; ++t) {
+        float best = values[t * P];
+        int best_part = 0;
+        detail::argmax_scalar(values + t * P, 1, P, best, best_part);
+        out[t] = indices[t * P + best_part];
+    }
+}
+
+}  // namespace mpk::cpu

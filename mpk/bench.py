@@ -1,0 +1,120 @@
+"""`mpk bench`: per-token decode latency of mpk beside kernel-per-operator baselines.
+
+Every figure is measured on this machine: the decode latency of mpk's CPU backend, of
+transformers eager and of transformers under torch.compile, all on the same checkpoint
+and dtype with the same thread count, and the memory floor: the bytes one decode step
+must read (weights and KV cache) over the read bandwidth that a C++ probe measures.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpk.backends.cpu.bandwidth import measure_read_bandwidth
+from mpk.errors import MpkError
+from mpk.frontend.config import ModelConfig, load_config
+from mpk.ir.tensor import TensorKind
+
+PROMPT_TOKENS = 16
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float | None   # median per-token decode latency
+    note: str = ""
+
+
+def bytes_per_token(session, position: int) -> int:
+    """Weight bytes one decode step reads (an embedding table contributes one row) plus
+    the KV cache read up to ``position``.
+    """
+    cfg: ModelConfig = session.cfg
+    executor = session.executors[1]
+    total = 0
+    for op in session.graphs[1].graph.ops:
+        for role, name in op.inputs.items():
+            spec = session.graphs[1].graph.tensors[name]
+            if spec.kind is not TensorKind.WEIGHT or role in ("cos", "sin"):
+                continue
+            tensor = executor.buffers[name]
+            row_bytes = tensor[0].numel() * tensor.element_size()
+            total += row_bytes if op.kind == "embedding" else tensor.numel() * tensor.element_size()
+    kv = 2 * cfg.num_layers * (position + 1) * cfg.num_kv_heads * cfg.head_dim * 4
+    return total + kv
+
+
+def time_mpk(session, steps: int) -> list[float]:
+    """Per-step latency of ``steps`` decode steps after a prompt of PROMPT_TOKENS tokens."""
+    if PROMPT_TOKENS + steps > session.max_seq_len:
+        raise MpkError(f"{steps} timed steps after a {PROMPT_TOKENS}-token prompt need a KV cache of {PROMPT_TOKENS + steps} slots, the session has {session.max_seq_len}")
+    prompt = [(7 * i + 3) % session.cfg.vocab_size for i in range(PROMPT_TOKENS)]
+    session.generate(prompt, 2)
+    executor = session.executors[1]
+    times = []
+    for i in range(steps):
+        inputs = {"tokens": torch.tensor([prompt[i % len(prompt)]]), "positions": torch.tensor([PROMPT_TOKENS + i])}
+        start = time.perf_counter()
+        executor.run(inputs)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_transformers(model_dir: Path, cfg: ModelConfig, threads: int, steps: int, compiled: bool) -> float:
+    """Per-token decode latency of transformers' generate(): (time for 1 + steps tokens minus
+    time for 1 token) / steps, best of 3, so that the prompt's prefill cancels out.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(dtype).eval()
+    if compiled:
+        model.forward = torch.compile(model.forward)
+    prompt = torch.tensor([[(7 * i + 3) % cfg.vocab_size for i in range(PROMPT_TOKENS)]])
+
+    def run(new_tokens: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return time.perf_counter() - start
+
+    run(steps + 1)  # warm-up (and torch.compile's compilation)
+    one = min(run(1) for _ in range(3))
+    many = min(run(steps + 1) for _ in range(3))
+    return (many - one) / steps
+
+
+def run_bench(model_dir: Path, workers: int, steps: int, mode: str, baselines: bool, compile_baseline: bool, report) -> list[Result]:
+    from mpk.generate import Session
+    from mpk.target import cpu_target
+
+    cfg = load_config(model_dir)
+    report(f"model: {model_dir} ({cfg.architecture}, {cfg.num_params / 1e6:.1f}M parameters, {cfg.dtype}); {workers} threads")
+    session = Session(model_dir, max_seq_len=PROMPT_TOKENS + steps + 8, backend="cpu", target=cpu_target(workers), mode=mode)
+    mpk_seconds = statistics.median(time_mpk(session, steps))
+    token_bytes = bytes_per_token(session, PROMPT_TOKENS + steps // 2)
+    session.close()
+
+    # Read bandwidth over a buffer as large as one step's reads: the same mix of cache and
+    # DRAM that a decode step sees.
+    bandwidth = measure_read_bandwidth(workers, megabytes=max(8, token_bytes // 2**20), repeats=10)
+    floor = token_bytes / bandwidth
+    results = [Result(f"mpk cpu ({mode})", mpk_seconds), Result("memory floor", floor, f"{token_bytes / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s")]
+    if baselines:
+        results.append(Result("transformers eager", time_transformers(model_dir, cfg, workers, steps, compiled=False)))
+        if compile_baseline:
+            results.append(Result("transformers + torch.compile", time_transformers(model_dir, cfg, workers, steps, compiled=True)))
+
+    report(f"{'':30s} {'ms/token':>9s} {'tokens/s':>9s} {'GB/s':>7s} {'% of floor':>10s}")
+    for r in results:
+        report(f"{r.name:30s} {r.seconds * 1e3:9.2f} {1 / r.seconds:9.1f} {token_bytes / r.seconds / 1e9:7.1f} "
+               f"{floor / r.seconds * 100:9.0f}%  {r.note}")
+    return results
