@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     prompt.add_argument("--prompt", help="prompt text, encoded with the checkpoint's own tokenizer")
+    generate.add_argument("--ignore-eos", action="store_true", help="with --prompt: keep generating after the tokenizer's end-of-sequence token")
     generate.add_argument("--mode", default="static", choices=["static", "dynamic"],
                           help="cpu backend scheduling: static assignment (default) or dynamic dispatch by a scheduler thread")
     generate.add_argument("--trace", type=Path, default=None, help="cpu backend: write the last decode step's per-task timeline to this Chrome/Perfetto JSON file")
@@ -172,10 +173,13 @@ def run_generate(args: argparse.Namespace) -> int:
     target = make_target(args.target, args.workers)
     if args.trace is not None and args.backend != "cpu":
         raise MpkError("--trace needs --backend cpu")
+    if args.backend == "cpu" and target.kind != "cpu":
+        raise MpkError(f"--backend cpu runs on CPU threads; use --target cpu (got --target {args.target}), or --backend reference to check a GPU tiling")
     session = Session(args.model, max_seq_len=max_seq_len, chunk=args.chunk, backend=args.backend, target=target,
                       seed=args.seed, mode=args.mode, trace=args.trace is not None)
     start = time.perf_counter()
-    result = session.generate(prompt, args.max_new_tokens)
+    stop = () if tokenizer is None or args.ignore_eos or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    result = session.generate(prompt, args.max_new_tokens, stop)
     elapsed = time.perf_counter() - start
     if tokenizer is not None:
         print(tokenizer.decode(result.tokens), flush=True)

@@ -108,9 +108,10 @@ class Session:
             if hasattr(executor, "close"):
                 executor.close()
 
-    def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
-        """Greedy-decode ``max_new_tokens`` tokens after ``prompt``, from position 0: the KV
-        cache of an earlier call is overwritten, never read.
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_tokens: tuple[int, ...] = ()) -> Generation:
+        """Greedy-decode up to ``max_new_tokens`` tokens after ``prompt``, stopping after a
+        token in ``stop_tokens``. Starts from position 0: the KV cache of an earlier call is
+        overwritten, never read.
         """
         self.position = 0
         if not prompt:
@@ -128,7 +129,7 @@ class Session:
             token, logits = self.step(prompt[start : start + self.chunk])
         tokens, rows = [token], [logits]
         # decode
-        while len(tokens) < max_new_tokens:
+        while len(tokens) < max_new_tokens and tokens[-1] not in stop_tokens:
             token, logits = self.step([tokens[-1]])
             tokens.append(token)
             rows.append(logits)

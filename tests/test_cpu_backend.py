@@ -293,3 +293,49 @@ def test_thread_sanitizer_catches_race() -> None:
 
     assert result.returncode == 66
     assert "data race" in result.stderr
+
+
+# --- text prompts --------------------------------------------------------------------------
+
+
+def add_word_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    """Save a whitespace word-level tokenizer with ``vocab_size`` entries beside the weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    vocab = {word: i for i, word in enumerate(words + [f"w{i}" for i in range(len(words), vocab_size)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(model_dir)
+
+
+def test_text_prompt_uses_checkpoint_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from checkpoints import make_checkpoint
+    from transformers import AutoTokenizer
+
+    from mpk.cli import main
+
+    path = make_checkpoint(tmp_path / "words", "qwen3", seed=9)
+    add_word_tokenizer(path, 256)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    ids = tokenizer.encode("the cat sat on the mat")
+    reference = greedy_reference(path, ids, 6)
+
+    code = main(["generate", str(path), "--prompt", "the cat sat on the mat", "--max-new-tokens", "6", "--workers", "2"])
+
+    out = capsys.readouterr().out.strip()
+    assert code == 0
+    assert ids == [1, 2, 3, 4, 1, 5]
+    assert out == tokenizer.decode(reference.tokens)
+
+
+def test_text_prompt_without_tokenizer(qwen3_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from mpk.cli import main
+
+    code = main(["generate", str(qwen3_dir), "--prompt", "hello"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "has no tokenizer" in err
+    assert "--prompt-ids" in err
