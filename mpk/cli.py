@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", parents=[common], help="greedy decoding of token ids")
     generate.add_argument("model", type=Path, help="checkpoint directory: config.json and safetensors")
-    generate.add_argument("--backend", default="cpu", choices=["cpu", "reference"],
-                          help="cpu: the compiled persistent kernel on CPU threads (default); reference: torch, task by task, in a random order the events allow")
+    generate.add_argument("--backend", default=None, choices=["cuda", "cpu", "reference"],
+                          help="cuda: the megakernel on the GPU (default when one is visible); cpu: the persistent kernel on CPU threads "
+                               "(default otherwise); reference: torch, task by task, in a random order the events allow")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     prompt.add_argument("--prompt", help="prompt text, encoded with the checkpoint's own tokenizer")
@@ -156,9 +157,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     from mpk.frontend.config import load_config
-    from mpk.generate import Session, cache_length
+    from mpk.generate import Session, cache_length, default_backend
     from mpk.target import make_target
 
+    args.backend = args.backend or default_backend()
     tokenizer = load_tokenizer(args.model) if args.prompt is not None else None
     prompt = parse_ids(args.prompt_ids) if tokenizer is None else tokenizer.encode(args.prompt)
     if not prompt:
@@ -171,6 +173,13 @@ def run_generate(args: argparse.Namespace) -> int:
     # The last new token is never fed back, so it needs no cache slot.
     max_seq_len = cache_length(cfg, len(prompt) + args.max_new_tokens - 1, args.max_seq_len)
     target = make_target(args.target, args.workers)
+    if args.backend == "cuda":
+        from mpk.backends.cuda.executor import check_device, cuda_target
+
+        check_device(args.workers or 1)
+        target = cuda_target()
+        if args.workers is not None:
+            target = type(target)(**{**target.to_dict(), "workers": args.workers})
     if args.trace is not None and args.backend != "cpu":
         raise MpkError("--trace needs --backend cpu")
     if args.backend == "cpu" and target.kind != "cpu":

@@ -26,7 +26,27 @@ from mpk.target import Target, cpu_target
 
 log = logging.getLogger("mpk.generate")
 
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu", "cuda", "reference")
+
+
+def default_backend() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TensorCheckpoint:
+    """Checkpoint tensors held in memory (a transformers model's state_dict), by name."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def load(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if name not in self.tensors:
+            raise MpkError(f"tensor {name!r} is missing from the in-memory checkpoint")
+        tensor = self.tensors[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise MpkError(f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+        return tensor.to(dtype)
 
 
 @dataclass
@@ -52,26 +72,42 @@ def cache_length(cfg: ModelConfig, needed: int, requested: int | None) -> int:
 class Session:
     """A model compiled for one backend, with its KV cache."""
 
-    def __init__(self, model_dir: str | Path, *, max_seq_len: int, chunk: int = 16, backend: str = "cpu",
+    def __init__(self, model_dir: str | Path | None, *, max_seq_len: int, chunk: int = 16, backend: str = "cpu",
                  target: Target | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, mode: str = "static",
-                 trace: bool = False, watchdog_seconds: float = 10.0, max_delay_ns: int = 0, sanitize: str | None = None) -> None:
+                 trace: bool = False, watchdog_seconds: float = 10.0, max_delay_ns: int = 0, sanitize: str | None = None,
+                 cfg: ModelConfig | None = None, checkpoint=None) -> None:
+        """Compile a checkpoint directory, or (with ``model_dir=None``) a ``cfg`` whose weights
+        come from ``checkpoint``, any object with Checkpoint's ``load(name, shape, dtype)``.
+        """
         if backend not in BACKENDS:
             raise MpkError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
-        self.cfg = load_config(model_dir)
+        if (model_dir is None) != (cfg is not None and checkpoint is not None):
+            raise MpkError("pass either a checkpoint directory or both cfg and checkpoint")
+        self.cfg = cfg or load_config(model_dir)
+        if target is None and backend == "cuda":
+            from mpk.backends.cuda.executor import cuda_target
+
+            target = cuda_target()
         self.target = target or cpu_target()
         self.max_seq_len = max_seq_len
         self.chunk = max(1, min(chunk, max_seq_len))
         self.graphs: dict[int, TaskGraph] = {}
         for tokens in sorted({1, self.chunk}):
             self.graphs[tokens] = compile_graph(decoder_graph(self.cfg, tokens, max_seq_len, self.target), self.target)
-        checkpoint = Checkpoint(model_dir)
-        weights = load_weights(self.graphs[1].graph, checkpoint, keep_bf16=backend == "cpu")
-        state = new_state(self.graphs[1], dtype)
+        checkpoint = checkpoint or Checkpoint(model_dir)
+        weight_dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+        weights = load_weights(self.graphs[1].graph, checkpoint, weight_dtype, keep_bf16=backend == "cpu")
+        state = new_state(self.graphs[1], dtype) if backend != "cuda" else {}
+        self.cuda_state: dict[str, torch.Tensor] = {}  # filled by the first CUDA executor, shared by the second
         self.backend = backend
         self.executors = {}
         for tokens, tg in self.graphs.items():
             if backend == "reference":
                 self.executors[tokens] = ReferenceExecutor(tg, weights, state, seed=seed + tokens, dtype=dtype)
+            elif backend == "cuda":
+                from mpk.backends.cuda.executor import CudaExecutor
+
+                self.executors[tokens] = CudaExecutor(tg, weights, self.cuda_state, trace=trace, watchdog_seconds=watchdog_seconds)
             else:
                 from mpk.backends.cpu.executor import CpuExecutor
 
@@ -95,7 +131,7 @@ class Session:
         self.position += len(tokens)
         last = len(tokens) - 1
         # The CPU backend's outputs are its live buffers: copy what outlives this step.
-        return int(out["argmax.reduce.out"][last]), out["lm_head.out"][last].clone()
+        return int(out["argmax.reduce.out"][last]), out["lm_head.out"][last].to("cpu", torch.float32, copy=True)
 
     def _check_tokens(self, tokens: list[int]) -> None:
         for t in tokens:

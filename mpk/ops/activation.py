@@ -53,6 +53,10 @@ class SiluMulSpec(OpSpec):
         tokens, width = tensors[op.outputs["out"]].shape
         return f"mpk::cpu::silu_mul_task<{tokens}, {width}>({arg.pointer('gate_up')}, {arg.pointer('out')}, tile[0], tile[1]);"
 
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, width = tensors[op.outputs["out"]].shape
+        return f"mpk::cuda::silu_mul_task<{tokens}, {width}>({arg.pointer('gate_up')}, {arg.pointer('out')}, tile[0], tile[1], smem);"
+
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         c0, c1 = tile
         width = bufs["out"].shape[1]

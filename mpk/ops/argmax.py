@@ -55,6 +55,12 @@ class ArgmaxPartialSpec(OpSpec):
         return (f"mpk::cpu::argmax_partial_task<{tokens}, {vocab}, {parts}, {op.attrs['chunk']}>({arg.pointer('logits')}, "
                 f"{arg.pointer('values')}, {arg.pointer('indices')}, tile[0]);")
 
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, vocab = tensors[op.inputs["logits"]].shape
+        parts = tensors[op.outputs["values"]].shape[1]
+        return (f"mpk::cuda::argmax_partial_task<{tokens}, {vocab}, {parts}, {op.attrs['chunk']}>({arg.pointer('logits')}, "
+                f"{arg.pointer('values')}, {arg.pointer('indices')}, tile[0], smem);")
+
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         (part,) = tile
         chunk = op.attrs["chunk"]
@@ -91,6 +97,10 @@ class ArgmaxReduceSpec(OpSpec):
     def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
         tokens, parts = tensors[op.inputs["values"]].shape
         return f"mpk::cpu::argmax_reduce_task<{tokens}, {parts}>({arg.pointer('values')}, {arg.pointer('indices')}, {arg.pointer('out')});"
+
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, parts = tensors[op.inputs["values"]].shape
+        return f"mpk::cuda::argmax_reduce_task<{tokens}, {parts}>({arg.pointer('values')}, {arg.pointer('indices')}, {arg.pointer('out')}, smem);"
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         # Chunks are in token order, so the first maximal chunk holds the lowest maximal id.

@@ -104,6 +104,17 @@ class RopeSpec(OpSpec):
                 f"{arg.pointer('v_cache')}, tile[0], tile[0] * {q_width}, (tile[0] + 1) * {q_width}, "
                 f"{k_base} + tile[0] * {head_dim}, {v_base} + tile[0] * {head_dim});")
 
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        heads, kv_heads, head_dim = head_layout(op)
+        tokens, row = tensors[op.inputs["qkv"]].shape
+        cache_len = tensors[op.outputs["k_cache"]].shape[0]
+        q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
+        v_base = k_base + kv_heads * head_dim
+        return (f"mpk::cuda::rope_task<{tokens}, {row}, {head_dim}, {kv_heads}, {cache_len}>({arg.pointer('out')}, "
+                f"{arg.pointer('positions')}, {arg.pointer('cos')}, {arg.pointer('sin')}, {arg.pointer('k_cache')}, "
+                f"{arg.pointer('v_cache')}, tile[0], tile[0] * {q_width}, (tile[0] + 1) * {q_width}, "
+                f"{k_base} + tile[0] * {head_dim}, {v_base} + tile[0] * {head_dim}, smem);")
+
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         (group,) = tile
         head_dim = op.attrs["head_dim"]
@@ -181,6 +192,17 @@ class AttentionSpec(OpSpec):
                 f"{arg.pointer('qkv')}, {arg.pointer('positions')}, {arg.pointer('k_cache')}, {arg.pointer('v_cache')}, "
                 f"{arg.pointer('out')}, {cpp_float(op.attrs['scale'])}, tile[0], tile[1], tile[2], "
                 f"tile[0] * {q_width}, (tile[0] + 1) * {q_width});")
+
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        heads, kv_heads, head_dim = head_layout(op)
+        tokens, row = tensors[op.inputs["qkv"]].shape
+        cache_len = tensors[op.inputs["k_cache"]].shape[0]
+        out_cols = tensors[op.outputs["out"]].shape[1]
+        q_width = heads // kv_heads * head_dim
+        return (f"mpk::cuda::attention_task<{tokens}, {row}, {head_dim}, {kv_heads}, {cache_len}, {out_cols}>("
+                f"{arg.pointer('qkv')}, {arg.pointer('positions')}, {arg.pointer('k_cache')}, {arg.pointer('v_cache')}, "
+                f"{arg.pointer('out')}, {cpp_float(op.attrs['scale'])}, tile[0], tile[1], tile[2], "
+                f"tile[0] * {q_width}, (tile[0] + 1) * {q_width}, smem);")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         group, r0, r1 = tile

@@ -116,6 +116,18 @@ class OpSpec:
         """
         raise NotImplementedError
 
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: "KernelArgs") -> str:
+        """Return the CUDA statement that runs one task of ``op``, executed by every thread of
+        the worker CTA; ``smem`` is the CTA's shared-memory scratch.
+        """
+        raise NotImplementedError
+
+    def cuda_prefetch(self, op: Op, tensors: dict[str, TensorSpec], arg: "KernelArgs") -> str:
+        """Return a CUDA statement that prefetches the task's weights into L2 before its wait
+        event fires, or "" for operators whose reads all depend on events.
+        """
+        return ""
+
     def describe_tile(self, op: Op, tile: Tile) -> str:
         return ",".join(str(v) for v in tile)
 
@@ -127,7 +139,7 @@ class KernelArgs:
         raise NotImplementedError
 
     def element(self, role: str) -> str:
-        """The C++ element type of the tensor bound to ``role`` (float, mpk::bf16, int64_t)."""
+        """The C++ element type of the tensor bound to ``role`` (float, mpk::bf16, __nv_bfloat16, int64_t)."""
         raise NotImplementedError
 
 

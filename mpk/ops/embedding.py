@@ -51,6 +51,11 @@ class EmbeddingSpec(OpSpec):
         return (f"mpk::cpu::embedding_task<{tokens}, {hidden}, {arg.element('weight')}>("
                 f"{arg.pointer('tokens')}, {arg.pointer('weight')}, {arg.pointer('out')}, tile[0], tile[1]);")
 
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, hidden = tensors[op.outputs["out"]].shape
+        return (f"mpk::cuda::embedding_task<{tokens}, {hidden}>({arg.pointer('tokens')}, {arg.pointer('weight')}, "
+                f"{arg.pointer('out')}, tile[0], tile[1], smem);")
+
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         c0, c1 = tile
         bufs["out"][:, c0:c1] = bufs["weight"][bufs["tokens"], c0:c1].to(bufs["out"].dtype)

@@ -82,6 +82,20 @@ class LinearSpec(OpSpec):
                 f"{arg.pointer('x')}, {arg.pointer('weight')}, {arg.pointer('residual') if residual else 'nullptr'}, "
                 f"{arg.pointer('out')}, tile[0], tile[1]);")
 
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        tokens, features = tensors[op.inputs["x"]].shape
+        columns = tensors[op.inputs["weight"]].shape[0]
+        residual = "residual" in op.inputs
+        out = arg.element("out")
+        return (f"mpk::cuda::linear_task<{tokens}, {features}, {columns}, {out}, {str(residual).lower()}>("
+                f"{arg.pointer('x')}, {arg.pointer('weight')}, "
+                f"{arg.pointer('residual') if residual else f'static_cast<const {out}*>(nullptr)'}, "
+                f"{arg.pointer('out')}, tile[0], tile[1], smem);")
+
+    def cuda_prefetch(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        features = tensors[op.inputs["x"]].shape[1]
+        return f"mpk::cuda::prefetch_l2({arg.pointer('weight')} + tile[0] * {features}, (tile[1] - tile[0]) * {features} * 2);"
+
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         c0, c1 = tile
         x = bufs["x"]

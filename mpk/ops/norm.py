@@ -56,6 +56,11 @@ class RmsNormSpec(OpSpec):
         return (f"mpk::cpu::rmsnorm_task<{hidden}, {arg.element('weight')}>({arg.pointer('x')}, {arg.pointer('weight')}, "
                 f"{arg.pointer('out')}, {cpp_float(op.attrs['eps'])}, tile[0], tile[1]);")
 
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        hidden = tensors[op.inputs["x"]].shape[1]
+        return (f"mpk::cuda::rmsnorm_task<{hidden}>({arg.pointer('x')}, {arg.pointer('weight')}, {arg.pointer('out')}, "
+                f"{cpp_float(op.attrs['eps'])}, tile[0], tile[1], smem);")
+
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         r0, r1 = tile
         bufs["out"][r0:r1] = rms_normalize(bufs["x"][r0:r1], bufs["weight"], op.attrs["eps"])
@@ -133,6 +138,14 @@ class QkNormSpec(OpSpec):
         return (f"mpk::cpu::qk_norm_task<{tokens}, {row}, {head_dim}, {arg.element('q_weight')}>({arg.pointer('out')}, "
                 f"{arg.pointer('q_weight')}, {arg.pointer('k_weight')}, {cpp_float(op.attrs['eps'])}, "
                 f"tile[0] * {q_width}, (tile[0] + 1) * {q_width}, {k_base} + tile[0] * {head_dim}, {k_base} + (tile[0] + 1) * {head_dim});")
+
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        heads, kv_heads, head_dim = head_layout(op)
+        tokens, row = tensors[op.inputs["qkv"]].shape
+        q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
+        return (f"mpk::cuda::qk_norm_task<{tokens}, {row}, {head_dim}>({arg.pointer('out')}, {arg.pointer('q_weight')}, "
+                f"{arg.pointer('k_weight')}, {cpp_float(op.attrs['eps'])}, tile[0] * {q_width}, (tile[0] + 1) * {q_width}, "
+                f"{k_base} + tile[0] * {head_dim}, {k_base} + (tile[0] + 1) * {head_dim}, smem);")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         head_dim, eps = op.attrs["head_dim"], op.attrs["eps"]

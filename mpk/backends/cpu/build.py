@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from mpk.errors import MpkError
@@ -28,6 +29,17 @@ LIBRARY = "libmpk_graph.so"
 
 class BuildError(MpkError):
     """The C++ compiler is missing or failed on generated code."""
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """How to turn one generated source into a shared library."""
+
+    name: str                      # the cache subdirectory: "cpu", "cuda-sm_90a", ...
+    compiler: str                  # path of the compiler
+    options: tuple[str, ...]
+    suffix: str                    # of the source file
+    include_dirs: tuple[Path, ...]
 
 
 def compiler() -> str:
@@ -50,35 +62,46 @@ def flags(sanitize: str | None) -> list[str]:
     return [*common, "-O3", "-fno-math-errno"]
 
 
+def cpu_toolchain(sanitize: str | None = None) -> Toolchain:
+    name = "cpu" if sanitize is None else f"cpu-{sanitize}"
+    return Toolchain(name, compiler(), tuple(flags(sanitize)), ".cpp", INCLUDE_DIRS)
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("MPK_CACHE_DIR", Path.home() / ".cache" / "mpk")) / "cpu"
+    return Path(os.environ.get("MPK_CACHE_DIR", Path.home() / ".cache" / "mpk"))
 
 
-def cache_key(source: str, cxx: str, options: list[str]) -> str:
+def cache_key(source: str, toolchain: Toolchain) -> str:
     digest = hashlib.sha256()
     digest.update(source.encode())
-    for directory in INCLUDE_DIRS:
-        for header in sorted(directory.rglob("*.h")):
+    for directory in toolchain.include_dirs:
+        for header in sorted(p for p in directory.rglob("*") if p.suffix in (".h", ".cuh")):
             digest.update(header.read_bytes())
-    digest.update(_compiler_version(cxx).encode())
-    digest.update(" ".join(options).encode())
+    digest.update(_compiler_version(toolchain.compiler).encode())
+    digest.update(" ".join(toolchain.options).encode())
     return digest.hexdigest()
 
 
-def build_library(source: str, sanitize: str | None = None) -> Path:
-    """Return the path of the library built from ``source``, building it if not cached."""
-    cxx = compiler()
-    options = flags(sanitize)
-    key = cache_key(source, cxx, options)
-    entry = cache_root() / key[:24]
+def build_library(source: str, sanitize: str | None = None, toolchain: Toolchain | None = None) -> Path:
+    """Return the path of the library built from ``source``, building it if not cached.
+    The default toolchain is the host C++ compiler (with ``sanitize``, if given).
+    """
+    toolchain = toolchain or cpu_toolchain(sanitize)
+    key = cache_key(source, toolchain)
+    entry = cache_root() / toolchain.name.split("-")[0] / key[:24]
     library = entry / LIBRARY
     if _valid_entry(entry, key):
-        log.info("cpu backend: cached library %s", library)
+        log.info("%s backend: cached library %s", toolchain.name, library)
         return library
     if entry.exists():
-        log.warning("cpu backend: cache entry %s is stale or corrupted; rebuilding it", entry)
-    _compile(cxx, options, source, entry, key)
+        log.warning("%s backend: cache entry %s is stale or corrupted; rebuilding it", toolchain.name, entry)
+    _compile(toolchain, source, entry, key)
     return library
+
+
+def build_log(library: Path) -> str:
+    """The compiler's output when it built ``library`` (ptxas statistics for CUDA)."""
+    return json.loads((library.parent / "manifest.json").read_text()).get("log", "")
 
 
 def _valid_entry(entry: Path, key: str) -> bool:
@@ -89,23 +112,23 @@ def _valid_entry(entry: Path, key: str) -> bool:
         return False
 
 
-def _compile(cxx: str, options: list[str], source: str, entry: Path, key: str) -> None:
+def _compile(toolchain: Toolchain, source: str, entry: Path, key: str) -> None:
     entry.mkdir(parents=True, exist_ok=True)
-    source_path = entry / "graph.cpp"
+    source_path = entry / f"graph{toolchain.suffix}"
     source_path.write_text(source)
     # Build beside the entry and rename: a crash never leaves a half-written library in place.
     fd, partial = tempfile.mkstemp(dir=entry, suffix=".so.partial")
     os.close(fd)
-    command = [cxx, *options, str(source_path), "-o", partial]
-    log.info("cpu backend: %s", " ".join(command))
+    command = [toolchain.compiler, *toolchain.options, str(source_path), "-o", partial]
+    log.info("%s backend: %s", toolchain.name, " ".join(command))
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(partial)
         message = (result.stderr or result.stdout).strip()
         tail = "\n".join(message.splitlines()[-40:])
-        raise BuildError(f"the C++ compiler failed on {source_path} (exit {result.returncode}):\n{tail}")
+        raise BuildError(f"{Path(toolchain.compiler).name} failed on {source_path} (exit {result.returncode}):\n{tail}")
     os.replace(partial, entry / LIBRARY)
-    manifest = {"key": key, "library_sha256": _sha256(entry / LIBRARY), "command": command}
+    manifest = {"key": key, "library_sha256": _sha256(entry / LIBRARY), "command": command, "log": result.stderr}
     (entry / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 

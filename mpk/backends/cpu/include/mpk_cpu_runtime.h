@@ -260,6 +260,9 @@ class Runtime {
       if (event != end && count % record.num_triggers == 0) rt_.push_event(event, count / record.num_triggers);
     }
 
+    // The CPU's hardware prefetchers already stream a task's weight rows.
+    void prefetch(const Task&) {}
+
     void execute(const Task& task) {
       if (rt_.config_.max_delay_ns) delay();
       if (task.op != kRelayOp) rt_.run_task_(rt_.buffers_.data(), task);

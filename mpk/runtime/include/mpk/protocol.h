@@ -5,6 +5,7 @@
 //       acquire-load the event's counter until it reaches target; false if the
 //       watchdog or a stop request ended the wait.
 //   void signal_event(int32_t event);   release increment of the event's counter.
+//   void prefetch(const Task& task);    start loading the task's weights (they need no event).
 //   void execute(const Task& task);     run the task's kernel.
 //   void trace_begin(int32_t task) / trace_end(int32_t task);
 //
@@ -83,6 +84,8 @@ MPK_HD Status run_static_iteration(Platform& platform, const Task* tasks, const 
     const int32_t id = list[i];
     const Task& task = tasks[id];
     const WaitSite site{worker, id, task.wait};
+    // Cross-operator pipelining: the weight loads start while the producers still run.
+    platform.prefetch(task);
     if (!platform.wait_event(task.wait, counter_target(events[task.wait], iteration), site)) {
       return kStalled;
     }
