@@ -65,53 +65,84 @@ def time_mpk(session, steps: int) -> list[float]:
     return times
 
 
-def time_transformers(model_dir: Path, cfg: ModelConfig, threads: int, steps: int, compiled: bool) -> float:
+def decode_latency(model, prompt: list[int], steps: int, device: str) -> float:
     """Per-token decode latency of transformers' generate(): (time for 1 + steps tokens minus
     time for 1 token) / steps, best of 3, so that the prompt's prefill cancels out.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    torch.set_num_threads(threads)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(dtype).eval()
-    if compiled:
-        model.forward = torch.compile(model.forward)
-    prompt = torch.tensor([[(7 * i + 3) % cfg.vocab_size for i in range(PROMPT_TOKENS)]])
+    ids = torch.tensor([prompt], device=device)
 
     def run(new_tokens: int) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    run(steps + 1)  # warm-up (and torch.compile's compilation)
+    run(steps + 1)  # warm-up (and torch.compile's compilation) of both lengths
+    run(1)
     one = min(run(1) for _ in range(3))
     many = min(run(steps + 1) for _ in range(3))
     return (many - one) / steps
 
 
-def run_bench(model_dir: Path, workers: int, steps: int, mode: str, baselines: bool, compile_baseline: bool, report) -> list[Result]:
+def compile_for_decode(model, device: str) -> None:
+    """torch.compile the forward pass; on a GPU with a static cache and CUDA graphs
+    (mode reduce-overhead), the strongest kernel-per-operator baseline.
+    """
+    if device == "cuda":
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    else:
+        model.forward = torch.compile(model.forward)
+
+
+def time_transformers(model_dir: Path, cfg: ModelConfig, threads: int, steps: int, compiled: bool, device: str = "cpu") -> float:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device=device, dtype=dtype).eval()
+    if compiled:
+        compile_for_decode(model, device)
+    return decode_latency(model, [(7 * i + 3) % cfg.vocab_size for i in range(PROMPT_TOKENS)], steps, device)
+
+
+def run_bench(model_dir: Path, workers: int, steps: int, mode: str, baselines: bool, compile_baseline: bool, report,
+              backend: str = "cpu") -> list[Result]:
     from mpk.generate import Session
     from mpk.target import cpu_target
 
     cfg = load_config(model_dir)
-    report(f"model: {model_dir} ({cfg.architecture}, {cfg.num_params / 1e6:.1f}M parameters, {cfg.dtype}); {workers} threads")
-    session = Session(model_dir, max_seq_len=PROMPT_TOKENS + steps + 8, backend="cpu", target=cpu_target(workers), mode=mode)
+    device = "cuda" if backend == "cuda" else "cpu"
+    report(f"model: {model_dir} ({cfg.architecture}, {cfg.num_params / 1e6:.1f}M parameters, {cfg.dtype}); "
+           + ("GPU" if device == "cuda" else f"{workers} threads"))
+    target = None if device == "cuda" else cpu_target(workers)
+    session = Session(model_dir, max_seq_len=PROMPT_TOKENS + steps + 8, backend=backend, target=target, mode=mode)
     mpk_seconds = statistics.median(time_mpk(session, steps))
     token_bytes = bytes_per_token(session, PROMPT_TOKENS + steps // 2)
     session.close()
 
-    # Read bandwidth over a buffer as large as one step's reads: the same mix of cache and
-    # DRAM that a decode step sees.
-    bandwidth = measure_read_bandwidth(workers, megabytes=max(8, token_bytes // 2**20), repeats=10)
+    if device == "cuda":
+        from mpk.gpu_check import hbm_read_bandwidth
+
+        bandwidth, where = hbm_read_bandwidth(), "HBM"
+    else:
+        # Read bandwidth over a buffer as large as one step's reads: the same mix of cache and
+        # DRAM that a decode step sees.
+        bandwidth, where = measure_read_bandwidth(workers, megabytes=max(8, token_bytes // 2**20), repeats=10), "memory"
     floor = token_bytes / bandwidth
-    results = [Result(f"mpk cpu ({mode})", mpk_seconds), Result("memory floor", floor, f"{token_bytes / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s")]
+    results = [Result(f"mpk {backend} ({mode})" if device == "cpu" else "mpk cuda", mpk_seconds),
+               Result(f"{where} floor", floor, f"{token_bytes / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s")]
     if baselines:
-        results.append(Result("transformers eager", time_transformers(model_dir, cfg, workers, steps, compiled=False)))
+        results.append(Result("transformers eager", time_transformers(model_dir, cfg, workers, steps, False, device)))
         if compile_baseline:
-            results.append(Result("transformers + torch.compile", time_transformers(model_dir, cfg, workers, steps, compiled=True)))
+            name = "transformers + CUDA graphs" if device == "cuda" else "transformers + torch.compile"
+            results.append(Result(name, time_transformers(model_dir, cfg, workers, steps, True, device)))
 
     report(f"{'':30s} {'ms/token':>9s} {'tokens/s':>9s} {'GB/s':>7s} {'% of floor':>10s}")
     for r in results:

@@ -55,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", parents=[common], help="per-token decode latency: mpk, transformers eager, torch.compile, memory floor")
     bench.add_argument("model", type=Path, help="checkpoint directory")
-    bench.add_argument("--backend", default="cpu", choices=["cpu"], help="backend to measure (default cpu)")
+    bench.add_argument("--backend", default="cpu", choices=["cpu", "cuda"], help="backend to measure (default cpu)")
     bench.add_argument("--workers", type=int, default=None, help="threads for mpk and the baselines (default: all cores)")
     bench.add_argument("--steps", type=int, default=64, help="decode steps measured (default 64)")
     bench.add_argument("--mode", default="static", choices=["static", "dynamic"], help="scheduling mode (default static)")
     bench.add_argument("--no-baselines", action="store_true", help="measure mpk and the memory floor only")
-    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (it compiles for a minute or more)")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (CUDA graphs on a GPU); it compiles for a minute or more")
     bench.set_defaults(func=run_bench)
 
     inspect = commands.add_parser("inspect", parents=[common], help="summarize a compiled task graph")
@@ -139,7 +139,11 @@ def run_bench(args: argparse.Namespace) -> int:
         raise MpkError(f"--workers must be at least 1, got {workers}")
     if args.steps < 2:
         raise MpkError(f"--steps must be at least 2, got {args.steps}")
-    bench(args.model, workers, args.steps, args.mode, not args.no_baselines, not args.no_compile, print)
+    if args.backend == "cuda":
+        from mpk.backends.cuda.executor import check_device
+
+        check_device(1)
+    bench(args.model, workers, args.steps, args.mode, not args.no_baselines, not args.no_compile, print, args.backend)
     return 0
 
 

@@ -67,24 +67,6 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], tor
     return tokens, torch.stack(rows)
 
 
-def hf_decode_latency(model, compiled: bool) -> float:
-    if compiled:
-        model.generation_config.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
-    prompt = torch.tensor([PROMPT], device="cuda")
-
-    def run(n: int) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    run(TIMED_STEPS + 1)
-    return (min(run(TIMED_STEPS + 1) for _ in range(2)) - min(run(1) for _ in range(2))) / TIMED_STEPS
-
-
 def hbm_read_bandwidth() -> float:
     data = torch.ones(2**30, dtype=torch.bfloat16, device="cuda")  # 2 GiB, far larger than L2
     data.sum()
@@ -122,8 +104,11 @@ def check_model(name: str, cfg, checkpoint, reference, rows: list[dict], bandwid
     row = {"model": name, "tokens": "match" if first is None else f"differ at {first}", "rel_error": error,
            "mpk": mpk_seconds, "bytes": token_bytes, "floor": token_bytes / bandwidth}
     if baselines:
-        row["eager"] = hf_decode_latency(reference, compiled=False)
-        row["cuda_graphs"] = hf_decode_latency(reference, compiled=True)
+        from mpk.bench import compile_for_decode, decode_latency
+
+        row["eager"] = decode_latency(reference, PROMPT, TIMED_STEPS, "cuda")
+        compile_for_decode(reference, "cuda")
+        row["cuda_graphs"] = decode_latency(reference, PROMPT, TIMED_STEPS, "cuda")
     rows.append(row)
 
 

@@ -260,7 +260,7 @@ inline constexpr int kLinearBatch = 4;
 MPK_CUDA_HD Range linear_group_rows(int c0, int c1, int rows_per_group, int group) {
     const int first = c0 + group * rows_per_group;
     const int last = first + rows_per_group;
-    return {first, last < c1 ? last : c1};
+    return {first, last};
 }
 
 MPK_CUDA_HD int linear_group_count(int c0, int c1, int rows_per_group) {
