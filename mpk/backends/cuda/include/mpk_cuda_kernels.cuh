@@ -8,8 +8,9 @@
 // the CTA, with `smem` pointing to the CTA's dynamic shared memory. Caller contract:
 //   - All MPK_THREADS threads call the task with the same arguments, because the
 //     kernels run __syncthreads() and warp shuffles in uniform control flow.
-//   - `smem` is 16-byte aligned and holds at least the kernel's k...SmemBytes or
-//     ..._smem_bytes() (stated next to each kernel, at most MPK_SMEM_BYTES).
+//   - `smem` is 16-byte aligned and has room for at least the bytes that the constant next
+//     to the kernel states (kRmsNormSmemBytes, attention_smem_bytes<HD>(), ...). Each
+//     kernel that needs scratch static_asserts that it fits in MPK_SMEM_BYTES.
 //   - The caller runs __syncthreads() after a task returns, before it signals the
 //     task's event and before the next task reuses `smem`. Kernels end without a
 //     barrier, so other threads may still be storing results or reading `smem`.
@@ -23,10 +24,10 @@
 // writes. Weights and the rope tables must stay constant for the kernel's lifetime
 // (written before launch), which is what makes the read-only path (__ldg) safe for them.
 //
-// Vector access. Rows are read and written 16 bytes (8 bf16) at a time only where the
-// row length is a multiple of 8 elements and the base pointers are 16-byte aligned,
-// checked at compile time and at run time. Otherwise the kernels fall back to narrower
-// or scalar accesses, so no access is ever misaligned.
+// Vector access. Rows are read and written in vectors of up to 16 bytes (8 bf16) only
+// where the vector width divides the row length and the base pointers are aligned to
+// the vector's size, checked at compile time and at run time. Otherwise the kernels
+// fall back to narrower or scalar accesses, so no access is ever misaligned.
 //
 // Numerics. Sums accumulate in fp32. Results are rounded to bf16 where torch rounds
 // them when it runs the operator on bf16 tensors (documented per kernel), so that
@@ -105,12 +106,12 @@ MPK_CUDA_HD float nan_max(float a, float b) { return (b > a || is_nan(b)) ? b : 
 MPK_CUDA_HD float to_float(bf16 x) { return __bfloat162float(x); }
 MPK_CUDA_HD float to_float(float x) { return x; }
 
-// Stores an fp32 value into an element of type OUT, rounding to nearest even for bf16.
+// Stores an fp32 value as float, or as bf16 rounded to nearest even.
 MPK_CUDA_HD void store_element(bf16* p, float value) { *p = __float2bfloat16_rn(value); }
 MPK_CUDA_HD void store_element(float* p, float value) { *p = value; }
 
 // RMSNorm's last step for one element, in the order of transformers' Qwen3RMSNorm and
-// LlamaRMSNorm (transformers 5.x) on a bf16 model:
+// LlamaRMSNorm forward (read in transformers 5.25) on a bf16 model:
 //     hidden = x.float() * rsqrt(variance + eps)     -> fp32
 //     return weight * hidden.to(bfloat16)             -> bf16 * bf16, rounded to bf16
 // so the normalized value is rounded once before the weight multiply and once after.
@@ -145,12 +146,13 @@ MPK_CUDA_HD void rotate_pair(float low, float high, float cos_low, float cos_hig
     out_high = round_bf16(round_bf16(high * c_high) + round_bf16(low * s_high));
 }
 
-// Linear's epilogue. torch computes x @ w.T on bf16 tensors with fp32 accumulation and
-// one rounding to bf16; adding a residual of type OUT then rounds again when OUT is
-// bf16 and adds in fp32 when OUT is float (type promotion). For OUT = float without a
-// residual the result is still the bf16-rounded product, widened, because that is what
+// Linear's epilogue before the store. torch computes x @ w.T on bf16 tensors with fp32
+// accumulation and one rounding to bf16, then adds a residual of the output's type in
+// fp32. Storing rounds the sum to bf16 again when the output is bf16, as torch's bf16
+// addition does, and keeps it when the output is float (type promotion). A float output
+// without a residual still gets the bf16-rounded product, widened, because that is what
 // the spec's run method stores into a float logits buffer.
-template <typename OUT, bool RESIDUAL>
+template <bool RESIDUAL>
 MPK_CUDA_HD float linear_output(float dot, float residual) {
     float value = round_bf16(dot);
     if constexpr (RESIDUAL) value += residual;
@@ -160,7 +162,8 @@ MPK_CUDA_HD float linear_output(float dot, float residual) {
 // Online softmax over one stream of scores: running max m and running sum l, where
 // l = sum(exp(s_i - m)). After step(), the caller rescales its output accumulator:
 // acc = acc * correction + weight * value. A NaN score makes m, l and acc NaN, as it
-// makes torch.softmax NaN. Before the first step m = -inf and l = 0.
+// makes torch.softmax NaN. Before the first step m = -inf and l = 0. The caller
+// skips slots past the row's length rather than passing -inf for them.
 MPK_CUDA_HD void online_softmax_step(float& m, float& l, float score, float& correction, float& weight) {
     const float new_max = nan_max(m, score);
     if (new_max == -INFINITY) {
@@ -208,15 +211,6 @@ struct Range {
     int end;
 };
 
-// Part `part` of `parts` near-equal contiguous pieces of [begin, end): the first
-// (end - begin) % parts pieces are one longer.
-MPK_CUDA_HD Range split_range(int begin, int end, int parts, int part) {
-    const int total = end - begin;
-    const int base = total / parts, extra = total % parts;
-    const int first = begin + part * base + (part < extra ? part : extra);
-    return {first, first + base + (part < extra ? 1 : 0)};
-}
-
 // Split of a column range [begin, end) for WIDTH-element vector access: [begin,
 // head_end) and [body_end, end) are scalar, [head_end, body_end) is whole vectors whose
 // first element sits at an offset (base + column) that is a multiple of `width`.
@@ -241,8 +235,8 @@ MPK_CUDA_HD int span_scalar_column(VectorSpan span, int begin, int end, int e) {
     return e < end - span.body_end ? span.body_end + e : -1;
 }
 
-// Decode GEMV shapes. A warp computes ROWS output rows for TOKENS rows of x at a time:
-// its lanes split K into WIDTH-element vectors, lane l taking vectors l, l + 32, ...,
+// Register blocking of linear_rows. A warp computes kRows output rows for kTokens rows
+// of x at a time: its lanes split K into vectors, lane l taking vectors l, l + 32, ...,
 // and a butterfly of shuffles sums the lanes. Decode (T = 1) takes 4 weight rows per
 // warp so that each lane keeps 4 * kLinearBatch 16-byte loads in flight; prefill takes
 // 2 rows and reuses each weight vector for up to 4 tokens while it is in registers.
@@ -253,14 +247,15 @@ struct LinearShape {
 };
 
 // K steps loaded back to back before any is used, so that kLinearBatch * kRows vector
-// loads per lane are in flight at once (64 KB per SM at 256 threads for decode).
+// loads per lane can be in flight at once (up to 64 KB per SM at 256 threads for
+// decode).
 inline constexpr int kLinearBatch = 4;
 
 // Output rows [first, last) of row group `group` of a column tile [c0, c1).
 MPK_CUDA_HD Range linear_group_rows(int c0, int c1, int rows_per_group, int group) {
     const int first = c0 + group * rows_per_group;
     const int last = first + rows_per_group;
-    return {first, last};
+    return {first, last < c1 ? last : c1};
 }
 
 MPK_CUDA_HD int linear_group_count(int c0, int c1, int rows_per_group) {
@@ -275,13 +270,11 @@ MPK_CUDA_HD constexpr int linear_k_steps(int k, int width) {
     return (k + kWarpSize * width - 1) / (kWarpSize * width);
 }
 
-// Attention layout for head_dim HD: each cache row is read in vectors of kVec bf16
-// by a group of kLanesPerSlot lanes (the smallest power of two >= the row's vector
-// count, at most 32), so a warp reads kSlotsPerWarp cache slots per step and a lane
-// holds kPerLane elements of each row. Lanes past the row's vectors (HD = 96: lanes
-// 12..15 of each 16) hold zeros.
+// Widest vector (8, 4, 2 or 1 elements) that divides a row of `length` elements.
 MPK_CUDA_HD constexpr int vector_width_for(int length) {
-    return length % 8 == 0 ? 8 : length % 4 == 0 ? 4 : length % 2 == 0 ? 2 : 1;
+    int width = 8;
+    while (length % width != 0) width /= 2;
+    return width;
 }
 
 MPK_CUDA_HD constexpr int lanes_per_slot_for(int vectors) {
@@ -290,6 +283,11 @@ MPK_CUDA_HD constexpr int lanes_per_slot_for(int vectors) {
     return lanes;
 }
 
+// Attention layout for head_dim HD: each cache row is read in vectors of VEC bf16 by
+// a slot group of kLanesPerSlot lanes (the smallest power of two >= the row's vector
+// count, at most 32), so a warp reads kSlotsPerWarp cache slots per step and a lane
+// keeps kPerLane elements of each row. Lanes past the row's vectors (HD = 96: lanes
+// 12..15 of each 16) hold zeros.
 template <int HD, int VEC>
 struct AttentionLayout {
     static constexpr int kVec = VEC;
@@ -370,7 +368,7 @@ __device__ inline void unpack(uint2 v, float* out) {
 __device__ inline void unpack(unsigned int v, float* out) { out[0] = low_bf16(v), out[1] = high_bf16(v); }
 __device__ inline void unpack(unsigned short v, float* out) { out[0] = bf16_bits_to_float(v); }
 
-// Raw VEC-element load. Activations use the coherent path; `readonly` selects __ldg,
+// Raw VEC-element load. Activations use the coherent path; READONLY selects __ldg,
 // allowed only for data constant for the kernel's lifetime (weights, rope tables).
 template <int VEC, bool READONLY>
 __device__ inline typename PackedBf16<VEC>::type load_packed(const bf16* p) {
@@ -684,7 +682,7 @@ __device__ void linear_rows(const bf16* x, const bf16* weight, const OUT* residu
                     if (lane == t * kRows + r && token < T && row < rows.end) {
                         const int64_t at = static_cast<int64_t>(token) * N + row;
                         const float res = RESIDUAL ? to_float(residual[at]) : 0.0f;
-                        store_element(out + at, linear_output<OUT, RESIDUAL>(dot, res));
+                        store_element(out + at, linear_output<RESIDUAL>(dot, res));
                     }
                 }
             }
@@ -851,7 +849,8 @@ __device__ void rope_task(__nv_bfloat16* qkv, const int64_t* positions, const fl
 // ---------------------------------------------------------------------------------
 
 // q heads handled together, so each cache row is read once per head block. Heads of a
-// KV group past 4 (Qwen3-32B and Llama-70B have 8) take another pass over the cache.
+// KV group past 4 (Qwen3-32B and Llama-3-70B have 8 per KV head) take another pass
+// over the cache.
 inline constexpr int kAttentionHeads = 4;
 // Cache slots each slot group loads back to back before using them.
 inline constexpr int kAttentionSlotBatch = 2;
@@ -865,8 +864,8 @@ MPK_CUDA_HD constexpr int attention_smem_bytes() {
 
 namespace detail {
 
-// Attention of one row's q heads [head0, head0 + heads) (heads <= kAttentionHeads) over
-// cache slots [0, length). Slot group g of the CTA reads slots g, g + kSlotGroups, ...
+// Attention of `heads` consecutive q heads (at most kAttentionHeads) of one row, read
+// from q_row and written to out_row, over cache slots [0, length). Slot group g of the CTA reads slots g, g + kSlotGroups, ...
 // and keeps its own online softmax state per head. The states merge across the groups
 // of a warp by shuffles and across warps through shared memory.
 template <int HD, int NKV, int VEC>
@@ -903,7 +902,7 @@ __device__ void attend_row(const bf16* q_row, const bf16* k_cache, const bf16* v
     }
 
     // The loop bound is the same for every thread, so all lanes of a warp reach every
-    // shuffle; a slot group past the end only skips its loads and its softmax update.
+    // shuffle. A slot group past the end skips only its loads and its softmax update.
     constexpr int kStride = Layout::kSlotGroups * kAttentionSlotBatch;
     for (int base = 0; base < length; base += kStride) {
         float keys[kAttentionSlotBatch][kPerLane];
@@ -943,7 +942,7 @@ __device__ void attend_row(const bf16* q_row, const bf16* k_cache, const bf16* v
         }
     }
 
-    // Butterfly over the warp's slot groups: after it, every group holds the warp's
+    // Butterfly over the warp's slot groups. Afterwards every group has the warp's
     // merged state.
 #pragma unroll
     for (int offset = kLanes; offset < kWarpSize; offset *= 2) {
@@ -1031,7 +1030,7 @@ __device__ void attention_rows(const bf16* qkv, const int64_t* positions, const 
 // [T, OUT_COLS]. Other rows get out[r, q0:q1) = 0. Slots past p are never read (they
 // may hold NaN). Needs attention_smem_bytes<HD>() of scratch.
 // NOTE: scores, the softmax and the weighted sum stay fp32 and only the output rounds
-// to bf16, as in fused GPU attention; the spec's run method on bf16 tensors also rounds
+// to bf16, as in fused GPU attention. The spec's run method on bf16 tensors also rounds
 // the scores and the probabilities to bf16, so results differ by bf16 rounding noise.
 // As in rope_task, p >= S is treated like padding where the reference would raise.
 template <int T, int ROW, int HD, int NKV, int S, int OUT_COLS>
@@ -1127,7 +1126,7 @@ __device__ void argmax_partial_task(const float* logits, float* values, int64_t*
             detail::argmax_update(best, v.z, c + 2);
             detail::argmax_update(best, v.w, c + 3);
         }
-        // Scalar head and tail; without vectors, span.head_end == count and this covers
+        // The scalar head and tail. Without vectors, span.head_end == count and this covers
         // the whole chunk.
         for (int c = threadIdx.x; c < span.head_end; c += kThreads) detail::argmax_update(best, row[c], c);
         for (int c = span.body_end + threadIdx.x; c < count; c += kThreads) detail::argmax_update(best, row[c], c);
