@@ -339,17 +339,22 @@ class Runtime {
     return true;
   }
 
+  // Pops the next entry (iteration << 32 | id) of a dynamic-mode queue, backing off while
+  // it is empty; false once the runtime stops.
+  bool next_entry(Queue& queue, uint64_t* entry) {
+    Backoff backoff;
+    while (!stop_.load(std::memory_order_relaxed) && !stalled_.load(std::memory_order_relaxed)) {
+      if (queue.pop(entry)) return true;
+      backoff.pause();
+    }
+    return false;
+  }
+
   void dynamic_worker(int32_t w) {
     Worker worker(*this, w);
     Queue& queue = *worker_queues_[static_cast<size_t>(w)];
     uint64_t entry = 0;
-    Backoff backoff;
-    while (!stop_.load(std::memory_order_relaxed) && !stalled_.load(std::memory_order_relaxed)) {
-      if (!queue.pop(&entry)) {
-        backoff.pause();
-        continue;
-      }
-      backoff = Backoff();
+    while (next_entry(queue, &entry)) {
       worker.iteration = entry >> 32;
       const int32_t id = static_cast<int32_t>(entry & 0xffffffffu);
       if (!run_dispatched_task(worker, tasks_.data(), events_.data(), id, worker.iteration, w)) return;
@@ -361,13 +366,7 @@ class Runtime {
     Queue& queue = *event_queues_[static_cast<size_t>(s)];
     uint64_t entry = 0;
     uint32_t next_worker = static_cast<uint32_t>(s);
-    Backoff backoff;
-    while (!stop_.load(std::memory_order_relaxed) && !stalled_.load(std::memory_order_relaxed)) {
-      if (!queue.pop(&entry)) {
-        backoff.pause();
-        continue;
-      }
-      backoff = Backoff();
+    while (next_entry(queue, &entry)) {
       const uint64_t iteration = entry >> 32;
       const Event& event = events_[static_cast<size_t>(entry & 0xffffffffu)];
       for (int32_t t = event.first; t < event.last; ++t) {
