@@ -37,7 +37,14 @@ def verify(tg: TaskGraph) -> None:
 
 
 def check_structure(tg: TaskGraph) -> None:
-    n, events, end = tg.num_tasks, tg.num_events, tg.end
+    """Columns fit together, every task waits and signals legally, and events fire in order."""
+    _check_columns(tg)
+    _check_tasks(tg)
+    _check_events(tg)
+
+
+def _check_columns(tg: TaskGraph) -> None:
+    n, events = tg.num_tasks, tg.num_events
     if events < 2:
         raise VerificationError(f"the task graph has {events} events; it needs at least BEGIN and END")
     for name, column in (("wait", tg.wait), ("signal", tg.signal), ("worker", tg.worker), ("tile", tg.tile)):
@@ -46,34 +53,44 @@ def check_structure(tg: TaskGraph) -> None:
     for name, column in (("num_triggers", tg.num_triggers), ("first", tg.first), ("last", tg.last)):
         if len(column) != events:
             raise VerificationError(f"the event column {name!r} has {len(column)} entries for {events} events")
+
     for e in range(events):
         if not 0 <= tg.first[e] <= tg.last[e] <= n:
             raise VerificationError(f"event {e} has consumer range {tg.first[e]}..{tg.last[e]}, outside the {n} tasks")
-    spec_arity = {}
-    for t in range(n):
+    for name in tg.graph.tensors:
+        if tg.placement.home.get(name) not in tg.placement.buffers:
+            raise VerificationError(f"tensor {name!r} has no buffer in the placement")
+
+
+def _check_tasks(tg: TaskGraph) -> None:
+    end = tg.end
+    arity: dict[str, int] = {}
+    for t in range(tg.num_tasks):
         if not -1 <= tg.op[t] < len(tg.graph.ops):
             raise VerificationError(f"task {t} names operator {tg.op[t]}, but the graph has {len(tg.graph.ops)}")
         if tg.op[t] >= 0:
             op = tg.graph.ops[tg.op[t]]
-            arity = spec_arity.setdefault(op.kind, len(spec_of(op.kind).tiles(op, tg.graph.tensors, tg.target.tiling)[0]))
-            if len(tg.tile[t]) != arity:
-                raise VerificationError(f"task {t} ({op.name}) has tile {list(tg.tile[t])}, but {op.kind} tiles have {arity} values")
-    for name in tg.graph.tensors:
-        if tg.placement.home.get(name) not in tg.placement.buffers:
-            raise VerificationError(f"tensor {name!r} has no buffer in the placement")
-    counts = [0] * events
-    for t in range(n):
+            expected = arity.setdefault(op.kind, len(spec_of(op.kind).tiles(op, tg.graph.tensors, tg.target.tiling)[0]))
+            if len(tg.tile[t]) != expected:
+                raise VerificationError(f"task {t} ({op.name}) has tile {list(tg.tile[t])}, but {op.kind} tiles have {expected} values")
+
         if not 0 <= tg.wait[t] < end:
             raise VerificationError(f"{tg.task_label(t)} waits on event {tg.wait[t]}, outside 0..{end - 1} (END cannot be waited on by a task)")
         if not 0 < tg.signal[t] <= end:
             raise VerificationError(f"{tg.task_label(t)} signals event {tg.signal[t]}, outside 1..{end} (BEGIN is signaled by the host)")
         if not 0 <= tg.worker[t] < tg.target.workers:
             raise VerificationError(f"{tg.task_label(t)} is assigned to worker {tg.worker[t]}, but the target has {tg.target.workers}")
+
+
+def _check_events(tg: TaskGraph) -> None:
+    end = tg.end
+    counts = [0] * tg.num_events
+    last_trigger = [-1] * tg.num_events
+    for t in range(tg.num_tasks):
         counts[tg.signal[t]] += 1
-    last_trigger = [-1] * events
-    for t in range(n):
         last_trigger[tg.signal[t]] = t
-    for e in range(events):
+
+    for e in range(tg.num_events):
         first, last = tg.first[e], tg.last[e]
         if e != BEGIN_EVENT and counts[e] != tg.num_triggers[e]:
             raise VerificationError(f"event {e} expects {tg.num_triggers[e]} triggers but {counts[e]} tasks signal it, so it would never fire or fire early")
@@ -86,9 +103,10 @@ def check_structure(tg: TaskGraph) -> None:
                 f"event {e} is signaled by {tg.task_label(last_trigger[e])}, which is not before its first consumer "
                 f"{tg.task_label(first)} in the global order: a worker could wait on it forever (deadlock)"
             )
-    waiting = sum(tg.last[e] - tg.first[e] for e in range(events))
-    if waiting != n:
-        raise VerificationError(f"event consumer ranges cover {waiting} tasks, but there are {n}")
+
+    waiting = sum(tg.last[e] - tg.first[e] for e in range(tg.num_events))
+    if waiting != tg.num_tasks:
+        raise VerificationError(f"event consumer ranges cover {waiting} tasks, but there are {tg.num_tasks}")
 
 
 def _task_accesses(tg: TaskGraph) -> list[list[tuple[str, Box, bool, bool]]]:

@@ -44,7 +44,7 @@ class _TraceRecord(ctypes.Structure):
 
 
 def weight_storage(dtype: str) -> str:
-    """The dtype the CPU kernels read a weight in: bf16 stays bf16, the rest becomes fp32."""
+    """Return the dtype the CPU kernels read a weight in: bf16 stays bf16, the rest becomes fp32."""
     return "bfloat16" if dtype == "bfloat16" else "float32"
 
 
@@ -126,10 +126,10 @@ class CpuExecutor:
         for name, limit in self.vocab_size.items():
             ids = self.buffers[name]
             if int(ids.min()) < 0 or int(ids.max()) >= limit:
-                raise MpkError(f"input {name!r} holds ids {ids.tolist()}; they must lie in 0..{limit - 1}")
+                raise MpkError(f"input {name!r} contains ids {ids.tolist()}; they must be in 0..{limit - 1}")
         for name, limit in self.cache_len.items():
             if int(self.buffers[name].max()) >= limit:
-                raise MpkError(f"input {name!r} holds positions {self.buffers[name].tolist()}; they must be below the KV cache length {limit}")
+                raise MpkError(f"input {name!r} contains positions {self.buffers[name].tolist()}; they must be below the KV cache length {limit}")
 
     def _stall_error(self) -> RuntimeStallError:
         report = _StallReport()
