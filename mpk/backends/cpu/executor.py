@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from mpk.backends.cpu.codegen import describe_buffers, generate_source
 from mpk.compiler.taskgraph import TaskGraph
 from mpk.errors import MpkError, RuntimeStallError
 from mpk.ir.tensor import TensorKind
+from mpk.runtime.trace import write_chrome_trace
 
 log = logging.getLogger("mpk.backends.cpu")
 
@@ -172,23 +172,6 @@ class CpuExecutor:
 
     def __del__(self) -> None:
         self.close()
-
-
-def write_chrome_trace(tg: TaskGraph, records: list[tuple[int, int, int, int]], path: str | Path) -> Path:
-    start = min(begin for _, _, begin, _ in records)
-    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"mpk {tg.graph.name} on {tg.target.name}"}}]
-    for worker in range(tg.target.workers):
-        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": worker, "args": {"name": f"worker {worker}"}})
-    for task, worker, begin, end in records:
-        op = tg.graph.ops[tg.op[task]] if tg.op[task] >= 0 else None
-        events.append({
-            "name": op.name if op else "relay", "cat": op.kind if op else "relay", "ph": "X", "pid": 0, "tid": worker,
-            "ts": (begin - start) / 1e3, "dur": max(end - begin, 1) / 1e3,
-            "args": {"task": task, "tile": list(tg.tile[task]), "wait": tg.wait[task], "signal": tg.signal[task]},
-        })
-    path = Path(path)
-    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ns"}))
-    return path
 
 
 def _index_limits(tg: TaskGraph) -> tuple[dict[str, int], dict[str, int]]:

@@ -17,6 +17,7 @@ from mpk.backends.cuda.codegen import buffer_dtypes, generate_source
 from mpk.compiler.taskgraph import TaskGraph
 from mpk.errors import MpkError, RuntimeStallError
 from mpk.ir.tensor import TensorKind
+from mpk.runtime.trace import write_chrome_trace
 from mpk.target import Target
 
 log = logging.getLogger("mpk.backends.cuda")
@@ -85,6 +86,7 @@ class CudaExecutor:
         self.buffers = self._allocate(weights, state)
         self._device_tables(trace, watchdog_seconds)
         self.iteration = 0
+        self.trace: list[tuple[int, int, int, int]] = []
         self.outputs = {s.name: self.buffers[s.name] for s in tg.placement.buffers.values() if s.kind is TensorKind.OUTPUT}
 
     def _check_residency(self, props) -> None:
@@ -132,6 +134,12 @@ class CudaExecutor:
             t["trace"].data_ptr() if trace else None, int(watchdog_seconds * 1e9),
         )
 
+    def write_trace(self, path):
+        """Write the last iteration's per-task timeline (from %globaltimer) as a Chrome/Perfetto trace."""
+        if not self.trace:
+            raise MpkError("no trace recorded: create the executor with trace=True and run an iteration")
+        return write_chrome_trace(self.tg, self.trace, path)
+
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for spec in self.tg.graph.tensors_of(TensorKind.INPUT):
             self.buffers[spec.name].copy_(torch.as_tensor(inputs[spec.name]), non_blocking=True)
@@ -142,6 +150,9 @@ class CudaExecutor:
         if status != 0:
             raise MpkError(f"the megakernel launch failed: {self.library.mpk_cuda_error_string(status).decode()}")
         torch.cuda.current_stream().synchronize()
+        if self._tables["trace"] is not None:
+            times = self._tables["trace"].view(-1, 2).cpu().tolist()
+            self.trace = [(t, self.tg.worker[t], begin, end) for t, (begin, end) in enumerate(times)]
         if int(self._tables["stalled"].item()):
             report = self._tables["report"].cpu().view(torch.int32)[:4].tolist()
             raise RuntimeStallError(f"watchdog: worker {report[0]} timed out waiting on event {report[2]} for "
