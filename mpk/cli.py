@@ -1,4 +1,4 @@
-"""Command-line interface: mpk compile | inspect | generate."""
+"""Command-line interface: mpk compile | demo | bench | inspect | generate | simulate."""
 
 from __future__ import annotations
 
@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--verify", action="store_true", help="also run transformers and fail on any mismatch")
     add_target_options(generate)
     generate.set_defaults(func=run_generate)
+
+    from mpk.target import gpu_names
+
+    simulate = commands.add_parser("simulate", parents=[common],
+                                   help="predict per-token GPU latency of the megakernel and of kernel-per-operator execution")
+    simulate.add_argument("model", nargs="?", help="checkpoint directory (only config.json is read)")
+    simulate.add_argument("--preset", help="simulate a built-in model shape instead of MODEL_DIR (e.g. qwen3-8b)")
+    simulate.add_argument("--gpu", required=True, choices=gpu_names(), help="GPU description to simulate")
+    simulate.add_argument("--batch", type=int, default=1, help="rows (tokens) per iteration (default 1)")
+    simulate.add_argument("--context", type=int, default=128, help="KV cache slots filled before the iteration (default 128)")
+    simulate.add_argument("--sustained-fraction", type=float, default=None,
+                          help="share of peak HBM bandwidth and flop rate that tasks reach, in (0, 1] (default: the GPU table's 0.9)")
+    simulate.add_argument("--trace", type=Path, default=None,
+                          help="write the static megakernel's simulated timeline (one track per SM) to this Chrome/Perfetto JSON file")
+    simulate.set_defaults(func=run_simulate)
     return parser
 
 
@@ -184,8 +199,8 @@ def run_generate(args: argparse.Namespace) -> int:
         target = cuda_target()
         if args.workers is not None:
             target = type(target)(**{**target.to_dict(), "workers": args.workers})
-    if args.trace is not None and args.backend != "cpu":
-        raise MpkError("--trace needs --backend cpu")
+    if args.trace is not None and args.backend == "reference":
+        raise MpkError("--trace needs --backend cpu or cuda")
     if args.backend == "cpu" and target.kind != "cpu":
         raise MpkError(f"--backend cpu runs on CPU threads; use --target cpu (got --target {args.target}), or --backend reference to check a GPU tiling")
     session = Session(args.model, max_seq_len=max_seq_len, chunk=args.chunk, backend=args.backend, target=target,
@@ -206,6 +221,24 @@ def run_generate(args: argparse.Namespace) -> int:
     session.close()
     if args.verify:
         return verify_against_transformers(args.model, prompt, result)
+    return 0
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from mpk.frontend.config import load_config
+    from mpk.frontend.presets import get_preset
+    from mpk.sim.models import MEGAKERNEL_STATIC
+    from mpk.sim.predict import Scenario, format_report, simulate_config
+    from mpk.sim.trace import write_simulated_trace
+
+    if (args.model is None) == (args.preset is None):
+        raise MpkError("pass either MODEL_DIR or --preset NAME, not both")
+    cfg = get_preset(args.preset) if args.preset else load_config(args.model)
+    report = simulate_config(cfg, Scenario(args.gpu, args.batch, args.context, args.sustained_fraction))
+    print(format_report(report))
+    if args.trace is not None:
+        path = write_simulated_trace(report.task_graph, report.prediction(MEGAKERNEL_STATIC), args.trace)
+        print(f"simulated timeline of the static megakernel: {path} (open it in https://ui.perfetto.dev)")
     return 0
 
 

@@ -27,3 +27,7 @@ class VerificationError(MpkError):
 
 class RuntimeStallError(MpkError):
     """An execution stopped making progress; the message names the stuck events."""
+
+
+class SimulationError(MpkError):
+    """A simulator input is inconsistent: an event can never fire or a worker waits forever."""

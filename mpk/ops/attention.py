@@ -12,7 +12,7 @@ import math
 import torch
 
 from mpk.errors import GraphError
-from mpk.ir.tensor import TensorSpec
+from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
 from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, cpp_float, Tile, TilingPlan, expect_rank, expect_shape, register
 from mpk.ops.norm import check_qkv, group_columns, head_layout
 from mpk.ops.tiling import split
@@ -23,6 +23,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def element_bytes(tensors: dict[str, TensorSpec], name: str) -> int:
+    return DTYPE_BYTES[tensors[name].dtype]
 
 
 def check_cache(op: Op, tensors: dict[str, TensorSpec], role: str) -> TensorSpec:
@@ -88,10 +92,15 @@ class RopeSpec(OpSpec):
 
     def cost(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> Cost:
         # Only T rows of the tables and of the cache are touched, not the declared slabs.
+        # Per token, the group's q, k and v columns are read and q is written back; one cos
+        # and one sin row are read and one k and one v row appended.
         tokens = tensors[op.inputs["qkv"]].shape[0]
         heads, kv_heads, head_dim = head_layout(op)
         width = (heads // kv_heads + 2) * head_dim
-        return Cost(tokens * (2 * width + 4 * head_dim) * 4, 6 * tokens * width)
+        row = 2 * width * element_bytes(tensors, op.inputs["qkv"])
+        row += 2 * head_dim * element_bytes(tensors, op.inputs["cos"])
+        row += 2 * head_dim * element_bytes(tensors, op.outputs["k_cache"])
+        return Cost(tokens * row, 6 * tokens * width)
 
     def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
         heads, kv_heads, head_dim = head_layout(op)
@@ -137,11 +146,13 @@ class AttentionSpec(OpSpec):
     kind = "attention"
     doc = (
         "Causal attention of each row's q heads over the KV cache slots 0..position of their KV head "
-        "(grouped-query attention). Tiled by KV group and by row blocks."
+        "(grouped-query attention). Tiled by KV group and by row blocks. The optional `context` (KV slots "
+        "filled before the iteration) only sizes the cost estimate; without it the estimate assumes a "
+        "cache half full."
     )
     inputs = ("qkv", "positions", "k_cache", "v_cache")
     outputs = ("out",)
-    attributes = ("num_heads", "num_kv_heads", "head_dim", "scale")
+    attributes = ("num_heads", "num_kv_heads", "head_dim", "scale", "context")
     cpu_kernel = "attention_task"
     cuda_kernel = "attention_task"
 
@@ -174,13 +185,24 @@ class AttentionSpec(OpSpec):
         ]
 
     def cost(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> Cost:
-        # NOTE: positions are runtime values; the estimate assumes a cache half full.
         group, r0, r1 = tile
         heads, kv_heads, head_dim = head_layout(op)
-        context = tensors[op.inputs["k_cache"]].shape[0] // 2
+        cache_len = tensors[op.inputs["k_cache"]].shape[0]
         group_heads = heads // kv_heads
-        cache_bytes = 2 * context * head_dim * 4
-        return Cost(cache_bytes + (r1 - r0) * group_heads * head_dim * 8, 4 * (r1 - r0) * group_heads * context * head_dim)
+        if "context" in op.attrs:
+            # Row r sits at position context + r and attends to context + r + 1 slots. The
+            # tile streams the slots its last row needs once, for all of its rows.
+            context = op.attrs["context"]
+            slots = min(context + r1, cache_len)
+            attended = sum(min(context + r + 1, cache_len) for r in range(r0, r1))
+        else:
+            # NOTE: positions are runtime values; without a context, assume a cache half full.
+            slots = cache_len // 2
+            attended = (r1 - r0) * slots
+        cache_bytes = 2 * slots * head_dim * element_bytes(tensors, op.inputs["k_cache"])
+        q_bytes = (r1 - r0) * group_heads * head_dim * element_bytes(tensors, op.inputs["qkv"])
+        out_bytes = (r1 - r0) * group_heads * head_dim * element_bytes(tensors, op.outputs["out"])
+        return Cost(cache_bytes + q_bytes + out_bytes, 4 * attended * group_heads * head_dim)
 
     def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
         heads, kv_heads, head_dim = head_layout(op)
