@@ -6,7 +6,6 @@ safetensors format) and reused from the cache directory afterwards.
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -40,8 +39,7 @@ def ensure_checkpoint(directory: Path) -> tuple[Path, bool]:
 
 def run_demo(directory: Path | None, workers: int | None, max_new_tokens: int, report) -> int:
     """Build (once), compile, generate and verify; ``report`` prints one line of progress."""
-    from mpk.backends.cpu.bandwidth import measure_read_bandwidth
-    from mpk.bench import PROMPT_TOKENS, bytes_per_token, time_mpk
+    from mpk.bench import PROMPT_TOKENS, bytes_per_token, time_with_probe
     from mpk.generate import Session, cache_length
     from mpk.hf_reference import compare, transformers_greedy
     from mpk.target import cpu_target
@@ -61,10 +59,9 @@ def run_demo(directory: Path | None, workers: int | None, max_new_tokens: int, r
            f"{decode.num_events} events; prompt chunk of {session.graphs[session.chunk].num_tasks} tasks")
 
     result = session.generate(DEMO_PROMPT, max_new_tokens)
-    seconds = statistics.median(time_mpk(session, DECODE_STEPS_TIMED))
-    token_bytes = bytes_per_token(session, len(DEMO_PROMPT) + max_new_tokens)
+    token_bytes = bytes_per_token(session, PROMPT_TOKENS + DECODE_STEPS_TIMED // 2)
+    seconds, bandwidth = time_with_probe(session, DECODE_STEPS_TIMED, token_bytes, target.workers)
     session.close()
-    bandwidth = measure_read_bandwidth(target.workers, megabytes=max(8, token_bytes // 2**20), repeats=10)
     report("tokens: " + ",".join(str(t) for t in result.tokens))
     report(f"decode: {seconds * 1e3:.3f} ms/token, {1 / seconds:.0f} tokens/s, {token_bytes / seconds / 1e9:.1f} GB/s; "
            f"memory floor {token_bytes / bandwidth * 1e3:.3f} ms ({token_bytes / 1e6:.1f} MB at {bandwidth / 1e9:.1f} GB/s measured), "
