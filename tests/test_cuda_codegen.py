@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mpk.backends.cpu.build import BuildError
@@ -51,7 +53,39 @@ def test_source_calls_every_operator(qwen3_graph) -> None:
 
     for number, op in enumerate(qwen3_graph.graph.ops):
         assert f"case {number}:  // {op.name}" in source
-    assert source.count("mpk::cuda::prefetch_l2") == sum(op.kind == "linear" for op in qwen3_graph.graph.ops)
+
+
+def switch_cases(source: str, function: str) -> dict[int, str]:
+    """The statement of each case of the switch in ``function`` of a generated source."""
+    body = source.split(f"__device__ void {function}(", 1)[1].split("\n}\n", 1)[0]
+    return {int(number): statement.strip() for number, statement in re.findall(r"case (\d+):[^\n]*\n(.*?)\n\s*break;", body, re.S)}
+
+
+def weight_buffers(statement: str) -> list[int]:
+    return [int(index) for index in re.findall(r"static_cast<const __nv_bfloat16\*>\(buffers\[(\d+)\]\)", statement)]
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_linear_prefetch_pairs_with_staged_task(tokens) -> None:
+    """Each linear task's prefetch issues the first cp.async chunks of its weight, and
+    its run call is the STAGED linear_task with the same shape and weight.
+    """
+    target = gpu_target("h100")
+    tg = compile_graph(decoder_graph(model_configs()["qwen3-tiny"], tokens, 128, target), target)
+    source = generate_source(tg)
+    runs, prefetches = switch_cases(source, "run_task"), switch_cases(source, "prefetch_task")
+    linear = {number: op for number, op in enumerate(tg.graph.ops) if op.kind == "linear"}
+
+    assert linear
+    assert set(prefetches) == set(linear)
+    for number, op in linear.items():
+        x_tokens, features = tg.graph.tensors[op.inputs["x"]].shape
+        prefetch, run = prefetches[number], runs[number]
+        assert prefetch.startswith(f"mpk::cuda::linear_prefetch<{x_tokens}, {features}>("), prefetch
+        assert prefetch.endswith("tile[0], tile[1], smem);"), prefetch
+        assert re.match(rf"mpk::cuda::linear_task<{x_tokens}, {features}, \d+, [\w:]+, (true|false), true>\(", run), run
+        # The prefetch's only pointer is the weight, linear_task's second argument.
+        assert weight_buffers(prefetch) == weight_buffers(run)[1:2], (prefetch, run)
 
 
 def test_logits_stay_float_on_gpu(qwen3_graph) -> None:

@@ -65,6 +65,19 @@ KERNEL linear_16x2048x2048(const bf16* x, const bf16* w, bf16* o, int c0, int c1
 KERNEL linear_3x1001x33_float_res(const bf16* x, const bf16* w, const float* r, float* o, int c0, int c1) { SMEM; k::linear_task<3, 1001, 33, float, true>(x, w, r, o, c0, c1, smem); }
 KERNEL linear_2x4104x12(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { SMEM; k::linear_task<2, 4104, 12, bf16, false>(x, w, nullptr, o, c0, c1, smem); }
 
+// Linear as the megakernel runs it: linear_prefetch issues the first chunks of the
+// cp.async pipeline, then linear_task<..., STAGED = true> issues the rest. The same
+// shapes as above, the tiny test models' K = 64 (several row groups per warp per chunk),
+// 40 tokens (three passes over the tile), and K = 1001, which keeps to registers.
+KERNEL linear_staged_1x1024x4096(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { k::linear_prefetch<1, 1024>(w, c0, c1, k::dynamic_smem()); k::linear_task<1, 1024, 4096, bf16, false, true>(x, w, nullptr, o, c0, c1, k::dynamic_smem()); }
+KERNEL linear_staged_down_1x3072x1024_res(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { SMEM; k::linear_prefetch<1, 3072>(w, c0, c1, smem); k::linear_task<1, 3072, 1024, bf16, true, true>(x, w, o, o, c0, c1, smem); }
+KERNEL linear_staged_lm_head_1x1024x151936(const bf16* x, const bf16* w, float* o, int c0, int c1) { SMEM; k::linear_prefetch<1, 1024>(w, c0, c1, smem); k::linear_task<1, 1024, 151936, float, false, true>(x, w, nullptr, o, c0, c1, smem); }
+KERNEL linear_staged_1x64x256(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { SMEM; k::linear_prefetch<1, 64>(w, c0, c1, smem); k::linear_task<1, 64, 256, bf16, false, true>(x, w, nullptr, o, c0, c1, smem); }
+KERNEL linear_staged_7x1000x37_res(const bf16* x, const bf16* w, const bf16* r, bf16* o, int c0, int c1) { SMEM; k::linear_prefetch<7, 1000>(w, c0, c1, smem); k::linear_task<7, 1000, 37, bf16, true, true>(x, w, r, o, c0, c1, smem); }
+KERNEL linear_staged_16x2048x2048(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { SMEM; k::linear_prefetch<16, 2048>(w, c0, c1, smem); k::linear_task<16, 2048, 2048, bf16, false, true>(x, w, nullptr, o, c0, c1, smem); }
+KERNEL linear_staged_40x256x64(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { SMEM; k::linear_prefetch<40, 256>(w, c0, c1, smem); k::linear_task<40, 256, 64, bf16, false, true>(x, w, nullptr, o, c0, c1, smem); }
+KERNEL linear_staged_3x1001x33_float_res(const bf16* x, const bf16* w, const float* r, float* o, int c0, int c1) { SMEM; k::linear_prefetch<3, 1001>(w, c0, c1, smem); k::linear_task<3, 1001, 33, float, true, true>(x, w, r, o, c0, c1, smem); }
+
 // q/k norm: head_dim 128 (Qwen3), 96 (lanes past the row's vectors) and 6 (scalar).
 KERNEL qk_norm_1x4096x128(bf16* qkv, const bf16* qw, const bf16* kw, int q0, int q1, int k0, int k1) { SMEM; k::qk_norm_task<1, 4096, 128>(qkv, qw, kw, 1e-6f, q0, q1, k0, k1, smem); }
 KERNEL qk_norm_5x768x96(bf16* qkv, const bf16* qw, const bf16* kw, int q0, int q1, int k0, int k1) { SMEM; k::qk_norm_task<5, 768, 96>(qkv, qw, kw, 1e-6f, q0, q1, k0, k1, smem); }
@@ -203,6 +216,175 @@ static void check_linear_split() {
     }
 }
 
+// Emulates linear_rows_staged's pipeline for T tokens and K columns over tiles
+// [c0, c1): the copies of every chunk, the stage buffers they land in, the reads of the
+// compute, and the order of issues, waits and barriers, with linear_prefetch issuing
+// the first chunks (STAGED) or linear_task issuing all of them.
+template <int T, int K>
+static void check_linear_pipeline() {
+    using Staging = LinearStaging<T, K>;
+    CHECK(Staging::kEnabled, "linear pipeline disabled for T=%d K=%d", T, K);
+    CHECK(Staging::kStages >= 2, "T=%d K=%d: %d stages", T, K, Staging::kStages);
+    CHECK(Staging::kPipelineBytes == Staging::kStages * Staging::kStageBytes, "T=%d K=%d: pipeline bytes", T, K);
+    CHECK(Staging::kPipelineBytes <= kLinearPipelineBytes, "T=%d K=%d: %d bytes of stages", T, K, Staging::kPipelineBytes);
+    CHECK(kLinearPipelineBytes < kSmemBytes, "the pipeline leaves no shared memory to spare");
+    CHECK(Staging::kStageBytes % 16 == 0, "T=%d K=%d: stage of %d bytes breaks 16-byte alignment", T, K, Staging::kStageBytes);
+    CHECK(Staging::kPrefetchedChunks == Staging::kStages - 1, "T=%d K=%d: prefetched chunks", T, K);
+    CHECK(Staging::kRows * Staging::kPassTokens <= kWarpSize, "T=%d K=%d: outputs per row group", T, K);
+    CHECK((linear_smem_bytes<T, K>() == Staging::kPipelineBytes), "T=%d K=%d: linear_smem_bytes", T, K);
+    constexpr int kSlots = Staging::kStageBytes / 16;
+
+    for (int c0 : {0, 5, 1000}) {
+        for (int width : {1, 7, 31, 32, 33, 95, 128, 129, 300}) {
+            const int c1 = c0 + width;
+            const int count = Staging::chunk_count(c0, c1);
+            CHECK(count > 0, "T=%d K=%d tile [%d, %d) has no chunks", T, K, c0, c1);
+
+            // Copies: each weight element of the tile once per token pass, each 16-byte
+            // slot of a stage buffer written at most once per chunk.
+            std::vector<int> copied(static_cast<size_t>(Staging::kPasses) * width * K, 0);
+            std::vector<std::vector<int64_t>> slot_source(count, std::vector<int64_t>(kSlots, -1));
+            for (int index = 0; index < count; ++index) {
+                const LinearChunk part = Staging::chunk(index, c0, c1);
+                CHECK(part.pass >= 0 && part.pass < Staging::kPasses, "chunk %d pass %d", index, part.pass);
+                CHECK(c0 <= part.row_begin && part.row_begin < part.row_end && part.row_end <= c1,
+                      "chunk %d rows [%d, %d) of tile [%d, %d)", index, part.row_begin, part.row_end, c0, c1);
+                CHECK(part.row_end - part.row_begin <= Staging::kChunkRows, "chunk %d has too many rows", index);
+                CHECK(0 <= part.k_begin && part.k_begin < part.k_end && part.k_end <= K, "chunk %d columns [%d, %d)",
+                      index, part.k_begin, part.k_end);
+                CHECK(part.k_end - part.k_begin <= Staging::kSliceColumns, "chunk %d slice is too wide", index);
+                const int copies = Staging::copy_count(part);
+                const int stage = Staging::stage_of(index);
+                CHECK(0 <= stage && stage < Staging::kStages, "chunk %d in stage %d", index, stage);
+                for (int thread = 0; thread < kThreads; ++thread) {
+                    for (int i = thread; i < copies; i += kThreads) {
+                        const LinearCopy copy = Staging::copy(part, i);
+                        CHECK(copy.destination % 16 == 0, "chunk %d copy %d lands at byte %d", index, i, copy.destination);
+                        CHECK(copy.destination >= 0 && copy.destination + 16 <= Staging::kStageBytes,
+                              "chunk %d copy %d at byte %d leaves its %d-byte stage", index, i, copy.destination,
+                              Staging::kStageBytes);
+                        // The stage's absolute bytes stay inside that stage's buffer.
+                        const int absolute = stage * Staging::kStageBytes + copy.destination;
+                        CHECK(absolute / Staging::kStageBytes == stage, "chunk %d copy %d at byte %d overlaps another stage",
+                              index, i, absolute);
+                        CHECK(absolute + 16 <= Staging::kPipelineBytes, "chunk %d copy %d at byte %d leaves the pipeline",
+                              index, i, absolute);
+                        CHECK(copy.source % kCopyElements == 0, "chunk %d copy %d reads misaligned element %lld", index, i,
+                              static_cast<long long>(copy.source));
+                        const int row = static_cast<int>(copy.source / K), k = static_cast<int>(copy.source % K);
+                        CHECK(part.row_begin <= row && row < part.row_end && part.k_begin <= k && k + kCopyElements <= part.k_end,
+                              "chunk %d copy %d reads (%d, %d) outside the chunk", index, i, row, k);
+                        if (copy.destination < 0 || copy.destination + 16 > Staging::kStageBytes) continue;
+                        int64_t& slot = slot_source[index][copy.destination / 16];
+                        CHECK(slot == -1, "chunk %d writes stage byte %d twice", index, copy.destination);
+                        slot = copy.source;
+                        if (row < c0 || row >= c1) continue;
+                        for (int e = 0; e < kCopyElements; ++e) {
+                            ++copied[(static_cast<size_t>(part.pass) * width + (row - c0)) * K + k + e];
+                        }
+                    }
+                }
+            }
+            expect_once(copied, "linear pipeline copies", T, K, width);
+
+            // Reads: every stored output's products read the element that the chunk's copy
+            // put at that stage offset, and each element once per pass.
+            std::vector<int> read(copied.size(), 0);
+            for (int index = 0; index < count; ++index) {
+                const LinearChunk part = Staging::chunk(index, c0, c1);
+                const int chunk_rows = part.row_end - part.row_begin;
+                for (int warp = 0; warp < kWarps; ++warp) {
+                    for (int round = 0; round < Staging::kGroupsPerWarp; ++round) {
+                        const int first_row = Staging::group_row(warp, round);
+                        if (first_row >= chunk_rows) continue;
+                        for (int step = 0; step < Staging::kSliceSteps; ++step) {
+                            for (int lane = 0; lane < kWarpSize; ++lane) {
+                                const int k = part.k_begin + linear_k_offset(step, lane, kCopyElements);
+                                if (k >= part.k_end) continue;
+                                for (int r = 0; r < Staging::kRows; ++r) {
+                                    const bool repeated = first_row + r >= chunk_rows;
+                                    const int row = repeated ? chunk_rows - 1 : first_row + r;
+                                    const int offset = Staging::stage_offset(row, k - part.k_begin);
+                                    CHECK(offset % 16 == 0, "chunk %d reads misaligned stage byte %d", index, offset);
+                                    CHECK(offset >= 0 && offset + 16 <= Staging::kStageBytes,
+                                          "chunk %d reads stage byte %d outside its %d-byte stage", index, offset,
+                                          Staging::kStageBytes);
+                                    if (offset < 0 || offset + 16 > Staging::kStageBytes) continue;
+                                    const int64_t expected = static_cast<int64_t>(part.row_begin + row) * K + k;
+                                    CHECK(slot_source[index][offset / 16] == expected,
+                                          "chunk %d reads stage byte %d: element %lld landed there, expected %lld", index,
+                                          offset, static_cast<long long>(slot_source[index][offset / 16]),
+                                          static_cast<long long>(expected));
+                                    if (repeated) continue;
+                                    for (int e = 0; e < kCopyElements; ++e) {
+                                        ++read[(static_cast<size_t>(part.pass) * width + (part.row_begin + row - c0)) * K + k + e];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            expect_once(read, "linear pipeline reads", T, K, width);
+
+            // Schedule. groups[g] is the chunk of the g-th committed group (-1: empty).
+            // wait_group(kPendingGroups) completes all groups but the newest kPendingGroups.
+            for (bool staged : {false, true}) {
+                std::vector<int> groups;
+                std::vector<int> issued(count, 0);
+                std::vector<int> occupant(Staging::kStages, -1);
+                auto issue = [&](int index, int iteration) {
+                    if (index < count) {
+                        const int stage = Staging::stage_of(index);
+                        CHECK(occupant[stage] < iteration, "chunk %d overwrites chunk %d before iteration %d read it",
+                              index, occupant[stage], iteration);
+                        occupant[stage] = index;
+                        ++issued[index];
+                    }
+                    groups.push_back(index < count ? index : -1);
+                };
+                if (staged) {
+                    for (int index = 0; index < Staging::kPrefetchedChunks; ++index) issue(index, 0);
+                }
+                const int first = Staging::task_first_chunk(staged);
+                CHECK(first == (staged ? Staging::kPrefetchedChunks : 0),
+                      "linear_task starts issuing at chunk %d (staged %d)", first, staged);
+                for (int index = first; index < Staging::kPrefetchedChunks; ++index) issue(index, 0);
+                CHECK(static_cast<int>(groups.size()) == Staging::kPrefetchedChunks, "prologue committed %zu groups",
+                      groups.size());
+                for (int iteration = 0; iteration < count; ++iteration) {
+                    const int complete = static_cast<int>(groups.size()) - Staging::kPendingGroups;
+                    int group = -1;
+                    for (int g = 0; g < static_cast<int>(groups.size()); ++g) {
+                        if (groups[g] == iteration) group = g;
+                    }
+                    CHECK(group >= 0, "iteration %d reads chunk %d, which was never issued", iteration, iteration);
+                    CHECK(group < complete, "iteration %d reads chunk %d before waiting for it (group %d, %d complete)",
+                          iteration, iteration, group, complete);
+                    issue(Staging::chunk_issued_in(iteration), iteration);
+                    CHECK(occupant[Staging::stage_of(iteration)] == iteration, "iteration %d: stage %d holds chunk %d",
+                          iteration, Staging::stage_of(iteration), occupant[Staging::stage_of(iteration)]);
+                }
+                for (int index = 0; index < count; ++index) {
+                    CHECK(issued[index] == 1, "chunk %d issued %d times (staged %d, T=%d K=%d tile [%d, %d))", index,
+                          issued[index], staged, T, K, c0, c1);
+                }
+            }
+        }
+    }
+}
+
+// K that 16-byte copies cannot split keeps linear_task on registers, and so does a
+// linear_prefetch of it.
+static void check_linear_pipeline_disabled() {
+    using Odd = LinearStaging<1, 1001>;
+    using Multiple4 = LinearStaging<2, 4100>;
+    CHECK(!Odd::kEnabled, "K=1001 must not use the pipeline");
+    CHECK(!Multiple4::kEnabled, "K=4100 must not use the pipeline");
+    CHECK(Odd::kPrefetchedChunks == 0, "K=1001 prefetches %d chunks", Odd::kPrefetchedChunks);
+    CHECK(Odd::kPipelineBytes == 0, "K=1001 claims %d bytes of shared memory", Odd::kPipelineBytes);
+}
+
 template <int HD>
 static void check_attention_layout() {
     using Layout = AttentionLayout<HD, vector_width_for(HD)>;
@@ -303,6 +485,18 @@ static void check_argmax_order() {
 static int run_coverage() {
     check_vector_span();
     check_linear_split();
+    check_linear_pipeline<1, 1024>();
+    check_linear_pipeline<1, 3072>();
+    check_linear_pipeline<1, 896>();
+    check_linear_pipeline<1, 160>();
+    check_linear_pipeline<1, 64>();
+    check_linear_pipeline<1, 8>();
+    check_linear_pipeline<2, 4104>();
+    check_linear_pipeline<7, 1000>();
+    check_linear_pipeline<16, 64>();
+    check_linear_pipeline<16, 2048>();
+    check_linear_pipeline<40, 256>();
+    check_linear_pipeline_disabled();
     check_attention_layout<6>();
     check_attention_layout<64>();
     check_attention_layout<80>();
@@ -484,6 +678,8 @@ namespace k = mpk::cuda;
 #define SMEM extern __shared__ __align__(16) char smem[]
 KERNEL rmsnorm_4096(const bf16* x, const bf16* w, bf16* o, int r0, int r1) { SMEM; k::rmsnorm_task<4096>(x, w, o, 1e-6f, r0, r1, smem); }
 KERNEL linear_1x1024x4096(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { SMEM; k::linear_task<1, 1024, 4096, bf16, false>(x, w, nullptr, o, c0, c1, smem); }
+KERNEL linear_staged_1x1024x4096(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { SMEM; k::linear_prefetch<1, 1024>(w, c0, c1, smem); k::linear_task<1, 1024, 4096, bf16, false, true>(x, w, nullptr, o, c0, c1, smem); }
+KERNEL linear_staged_16x2048x2048(const bf16* x, const bf16* w, bf16* o, int c0, int c1) { SMEM; k::linear_prefetch<16, 2048>(w, c0, c1, smem); k::linear_task<16, 2048, 2048, bf16, false, true>(x, w, nullptr, o, c0, c1, smem); }
 KERNEL attention_1x4096x128(const bf16* qkv, const int64_t* p, const bf16* kc, const bf16* vc, bf16* o, int g, int r0, int r1, int q0, int q1) { SMEM; k::attention_task<1, 4096, 128, 8, 4096, 2048>(qkv, p, kc, vc, o, 0.088f, g, r0, r1, q0, q1, smem); }
 KERNEL argmax_partial_1x151936(const float* l, float* v, int64_t* i, int part) { SMEM; k::argmax_partial_task<1, 151936, 37, 4107>(l, v, i, part, smem); }
 """
@@ -533,6 +729,8 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Build]:
     for threads in THREAD_COUNTS:
         commands[f"threads_{threads}"] = [nvcc, "-arch=sm_90a", *NVCC_FLAGS, f"-DMPK_THREADS={threads}", "-Xptxas", "-v",
                                           "-c", str(root / "threads.cu"), "-o", str(root / f"threads_{threads}.o")]
+    # PTX of the device unit, to check which instructions the kernels use.
+    commands["ptx_sm_80"] = [nvcc, "-arch=sm_80", *NVCC_FLAGS, "-ptx", str(root / "kernels.cu"), "-o", str(root / "sm_80.ptx")]
     # The host program needs device code for no arch, but nvcc still compiles the
     # header's device functions for its default one.
     commands["host"] = [nvcc, "-arch=sm_80", *NVCC_FLAGS, str(root / "host.cu"), "-o", str(root / "host")]
@@ -570,6 +768,12 @@ def ptxas_reports(output: str) -> dict[str, KernelReport]:
 
 def kernel_names(source: str) -> set[str]:
     return set(re.findall(r"^KERNEL (\w+)\(", source, re.MULTILINE))
+
+
+def ptx_entries(ptx: str) -> dict[str, str]:
+    """Split PTX into the text of each entry function, by name."""
+    parts = re.split(r"^\.visible \.entry (\w+)\(", ptx, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2]))
 
 
 def run_host(builds: dict[str, Build], function: str, inputs: torch.Tensor) -> torch.Tensor:
@@ -617,6 +821,27 @@ def test_other_thread_counts_compile(builds, threads):
     for report in reports.values():
         assert report.spill_stores == 0, f"{report.name} with MPK_THREADS={threads} spills: {report}"
         assert report.spill_loads == 0, f"{report.name} with MPK_THREADS={threads} spills: {report}"
+
+
+def test_linear_pipeline_uses_cp_async(builds):
+    """Linear tasks with K % 8 == 0 stream their weights with cp.async into shared memory
+    on sm_80, staged or not; K = 1001 keeps to registers and gets only the L2 prefetch.
+    """
+    build = builds["ptx_sm_80"]
+    assert build.returncode == 0, f"nvcc -ptx failed:\n{build.output[-6000:]}"
+    entries = ptx_entries((Path(builds["root"].output) / "sm_80.ptx").read_text())
+    pipelined = {name for name in kernel_names(DEVICE_SOURCE) if name.startswith("linear_") and "1001" not in name}
+    assert "linear_staged_1x1024x4096" in pipelined
+    for name in sorted(pipelined):
+        body = entries[name]
+        assert "cp.async.cg.shared.global" in body, f"{name} issues no cp.async"
+        assert "cp.async.wait_group" in body, f"{name} never waits for its cp.async groups"
+        assert "ld.shared.v4" in body, f"{name} reads its stage buffers without 16-byte shared loads"
+    for name in ("linear_staged_1x1024x4096", "linear_staged_16x2048x2048"):
+        assert "prefetch.global.L2" in entries[name], f"{name} lost the L2 prefetch of its tile"
+    scalar = entries["linear_staged_3x1001x33_float_res"]
+    assert "cp.async" not in scalar
+    assert "prefetch.global.L2" in scalar
 
 
 def test_work_splits_cover_tiles(builds):

@@ -87,14 +87,17 @@ class LinearSpec(OpSpec):
         columns = tensors[op.inputs["weight"]].shape[0]
         residual = "residual" in op.inputs
         out = arg.element("out")
-        return (f"mpk::cuda::linear_task<{tokens}, {features}, {columns}, {out}, {str(residual).lower()}>("
+        # STAGED = true, because the megakernel runs cuda_prefetch's linear_prefetch on
+        # the same CTA before every run of the task, with only the event wait in between.
+        return (f"mpk::cuda::linear_task<{tokens}, {features}, {columns}, {out}, {str(residual).lower()}, true>("
                 f"{arg.pointer('x')}, {arg.pointer('weight')}, "
                 f"{arg.pointer('residual') if residual else f'static_cast<const {out}*>(nullptr)'}, "
                 f"{arg.pointer('out')}, tile[0], tile[1], smem);")
 
     def cuda_prefetch(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        features = tensors[op.inputs["x"]].shape[1]
-        return f"mpk::cuda::prefetch_l2({arg.pointer('weight')} + tile[0] * {features}, (tile[1] - tile[0]) * {features} * 2);"
+        tokens, features = tensors[op.inputs["x"]].shape
+        return (f"mpk::cuda::linear_prefetch<{tokens}, {features}>({arg.pointer('weight')}, tile[0], tile[1], "
+                f"smem);")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         c0, c1 = tile

@@ -58,7 +58,7 @@ __device__ void run_task(void* const* buffers, const mpk::Task& task, char* smem
   }}
 }}
 
-__device__ void prefetch_task(void* const* buffers, const mpk::Task& task) {{
+__device__ void prefetch_task(void* const* buffers, const mpk::Task& task, char* smem) {{
   const int32_t* tile = task.tile;
   switch (task.op) {{
 {prefetch_cases}

@@ -14,6 +14,10 @@
 //   - The caller runs __syncthreads() after a task returns, before it signals the
 //     task's event and before the next task reuses `smem`. Kernels end without a
 //     barrier, so other threads may still be storing results or reading `smem`.
+//   - linear_prefetch may issue cp.async copies into `smem` before the task's event
+//     fires. The linear_task<..., STAGED = true> that follows on the same CTA waits for
+//     them, and no other task may touch `smem` in between (linear_prefetch states the
+//     full contract).
 //   - Kernels are written for one CTA per SM (the register budget is up to 255 per
 //     thread at 256 threads), so the __global__ function should declare
 //     __launch_bounds__(MPK_THREADS, 1).
@@ -277,6 +281,126 @@ MPK_CUDA_HD constexpr int vector_width_for(int length) {
     return width;
 }
 
+// Shared-memory weight pipeline of linear_task (sm_80 and newer). A task's weight tile,
+// rows [c0, c1) by K columns, streams through kStages stage buffers as a sequence of
+// chunks. A chunk is kChunkRows rows by one slice of K, copied with 16-byte cp.async.
+// Chunks run over the slices of a row block first, then over row blocks, then over token
+// passes, so that a warp keeps its row group's accumulators in registers across the
+// slices of a block. While the CTA computes on one chunk, up to kStages - 1 later chunks
+// are in flight.
+// NOTE: the pipeline is checked by compiling it and by emulating its index arithmetic on
+// the host (tests/test_cuda_kernels.py). No GPU has run it, so its speed is unmeasured.
+
+// bf16 elements per 16-byte copy.
+inline constexpr int kCopyElements = 8;
+// Target size of one stage buffer, the max stage count, and the shared memory that the
+// pipeline may use: 64 KiB of the default 96 KiB, and never more than three quarters.
+inline constexpr int kLinearStageTargetBytes = 16 * 1024;
+inline constexpr int kLinearMaxStages = 4;
+inline constexpr int kLinearPipelineBytes = 64 * 1024 < kSmemBytes / 4 * 3 ? 64 * 1024 : kSmemBytes / 4 * 3;
+// Tokens whose accumulators a warp keeps in registers through one pass over the tile.
+// A prefill chunk of more tokens streams the tile once per 16 tokens.
+inline constexpr int kLinearMaxPassTokens = 16;
+
+// Rows [row_begin, row_end) and columns [k_begin, k_end) of the weight that one chunk
+// holds, computed for the x rows of token pass `pass`.
+struct LinearChunk {
+    int pass;
+    int row_begin;
+    int row_end;
+    int k_begin;
+    int k_end;
+};
+
+// One 16-byte copy: an element offset into the weight and a byte offset into the stage
+// buffer.
+struct LinearCopy {
+    int64_t source;
+    int destination;
+};
+
+// Chunk geometry, stage sizes and schedule of the pipeline for T tokens and K columns.
+// Each warp computes one row group (kRows rows) of a chunk per round, its lanes taking
+// the 8-element vectors of a slice as in linear_rows, so one warp step covers 256
+// columns.
+template <int T, int K>
+struct LinearStaging {
+    static constexpr int kRows = LinearShape<T>::kRows;
+    static constexpr int kBlockRows = kWarps * kRows;
+    static constexpr int kStepColumns = kWarpSize * kCopyElements;
+    static constexpr int kTargetElements = kLinearStageTargetBytes / 2;
+    static constexpr int kMaxSliceSteps =
+        kTargetElements / (kBlockRows * kStepColumns) > 1 ? kTargetElements / (kBlockRows * kStepColumns) : 1;
+    static constexpr int kSlices = (K + kMaxSliceSteps * kStepColumns - 1) / (kMaxSliceSteps * kStepColumns);
+    // When a whole row fits in one slice, the slice is exactly K wide and a chunk takes
+    // several row groups per warp, so that short rows still fill a stage.
+    static constexpr int kSliceColumns = kSlices == 1 ? K : kMaxSliceSteps * kStepColumns;
+    static constexpr int kSliceSteps = (kSliceColumns + kStepColumns - 1) / kStepColumns;
+    static constexpr int kGroupsPerWarp =
+        kSlices == 1 && kTargetElements / (kBlockRows * K) > 1 ? kTargetElements / (kBlockRows * K) : 1;
+    static constexpr int kChunkRows = kBlockRows * kGroupsPerWarp;
+    static constexpr int kStageBytes = kChunkRows * kSliceColumns * 2;
+    static constexpr int kStages =
+        kLinearPipelineBytes / kStageBytes < kLinearMaxStages ? kLinearPipelineBytes / kStageBytes : kLinearMaxStages;
+    // The pipeline needs K % 8 == 0, so that rows split into whole 16-byte copies, and at
+    // least two stages. At 1024 threads a decode stage of 128 rows does not fit twice, so
+    // linear_task keeps to registers there.
+    static constexpr bool kEnabled = K % kCopyElements == 0 && kStages >= 2;
+    static constexpr int kPipelineBytes = kEnabled ? kStages * kStageBytes : 0;
+    // Chunks issued before the loop: by linear_prefetch before the task's event fires,
+    // or by linear_task itself.
+    static constexpr int kPrefetchedChunks = kEnabled ? kStages - 1 : 0;
+    // Commit groups that the loop leaves pending when it waits for a chunk: the chunks
+    // issued after it.
+    static constexpr int kPendingGroups = kEnabled ? kStages - 2 : 0;
+    static constexpr int kPassTokens = T < kLinearMaxPassTokens ? T : kLinearMaxPassTokens;
+    static constexpr int kPasses = (T + kPassTokens - 1) / kPassTokens;
+
+    static MPK_CUDA_HD int row_blocks(int c0, int c1) { return (c1 - c0 + kChunkRows - 1) / kChunkRows; }
+
+    static MPK_CUDA_HD int chunk_count(int c0, int c1) { return kPasses * row_blocks(c0, c1) * kSlices; }
+
+    static MPK_CUDA_HD LinearChunk chunk(int index, int c0, int c1) {
+        const int blocks = row_blocks(c0, c1);
+        const int slice = index % kSlices;
+        const int block = index / kSlices % blocks;
+        const int row_begin = c0 + block * kChunkRows;
+        const int k_begin = slice * kSliceColumns;
+        return {index / kSlices / blocks, row_begin, row_begin + kChunkRows < c1 ? row_begin + kChunkRows : c1, k_begin,
+                k_begin + kSliceColumns < K ? k_begin + kSliceColumns : K};
+    }
+
+    // Chunk i lives in stage buffer i % kStages.
+    static MPK_CUDA_HD int stage_of(int index) { return index % kStages; }
+
+    // Byte offset in a stage buffer of a chunk's element (row, column), both relative to
+    // the chunk. Rows sit kSliceColumns elements apart.
+    static MPK_CUDA_HD int stage_offset(int row, int column) { return (row * kSliceColumns + column) * 2; }
+
+    static MPK_CUDA_HD int copy_count(const LinearChunk& part) {
+        return (part.row_end - part.row_begin) * ((part.k_end - part.k_begin) / kCopyElements);
+    }
+
+    // Copy `index` of a chunk, row-major over its rows and 16-byte columns. Thread t
+    // issues copies t, t + kThreads, ...
+    static MPK_CUDA_HD LinearCopy copy(const LinearChunk& part, int index) {
+        const int per_row = (part.k_end - part.k_begin) / kCopyElements;
+        const int row = index / per_row, column = index % per_row * kCopyElements;
+        return {static_cast<int64_t>(part.row_begin + row) * K + part.k_begin + column, stage_offset(row, column)};
+    }
+
+    // First chunk that linear_task issues before its loop. With `staged`, linear_prefetch
+    // has issued chunks [0, kPrefetchedChunks) already.
+    static MPK_CUDA_HD int task_first_chunk(bool staged) { return staged ? kPrefetchedChunks : 0; }
+
+    // Chunk issued in loop iteration i, once chunk i has landed. Its stage buffer held
+    // chunk i - 1, which every thread finished reading before the iteration's barrier.
+    static MPK_CUDA_HD int chunk_issued_in(int iteration) { return iteration + kPrefetchedChunks; }
+
+    // First row, relative to the chunk, of the row group that `warp` computes in `round`.
+    static MPK_CUDA_HD int group_row(int warp, int round) { return (round * kWarps + warp) * kRows; }
+};
+
 MPK_CUDA_HD constexpr int lanes_per_slot_for(int vectors) {
     int lanes = 1;
     while (lanes < vectors && lanes < kWarpSize) lanes *= 2;
@@ -404,6 +528,27 @@ __device__ inline void store_bf16(bf16* p, const float* v) {
 __device__ inline bool is_aligned(const void* p, int bytes) {
     return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// cp.async (sm_80 and newer): a 16-byte copy from global to shared memory that bypasses
+// the registers and L1. A thread's copies complete in commit groups, which it waits for
+// with wait_group; a barrier after the wait makes them visible to the other threads.
+__device__ __forceinline__ void cp_async_16(void* shared_destination, const void* global_source) {
+    const unsigned destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+    const size_t source = __cvta_generic_to_global(global_source);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(destination), "l"(source) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Waits until at most PENDING of this thread's newest commit groups are incomplete.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+#endif
 
 __device__ inline float warp_sum(float v) {
 #pragma unroll
@@ -593,7 +738,20 @@ __device__ void rmsnorm_task(const __nv_bfloat16* x, const __nv_bfloat16* weight
 // Linear (GEMV for decode, register-blocked for short prefill chunks)
 // ---------------------------------------------------------------------------------
 
-inline constexpr int kLinearSmemBytes = 0;
+// Shared memory that linear_task and linear_prefetch use for T tokens and K columns: the
+// stage buffers of the cp.async pipeline, or 0 where linear_task keeps to registers.
+template <int T, int K>
+MPK_CUDA_HD constexpr int linear_smem_bytes() {
+    return detail::LinearStaging<T, K>::kPipelineBytes;
+}
+
+// Requests the L2 cache lines of [address, address + bytes), spread over the CTA's threads.
+__device__ __forceinline__ void prefetch_l2(const void* address, size_t bytes) {
+    const char* base = static_cast<const char*>(address);
+    for (size_t offset = static_cast<size_t>(threadIdx.x) * 128; offset < bytes; offset += static_cast<size_t>(blockDim.x) * 128) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(base + offset));
+    }
+}
 
 namespace detail {
 
@@ -690,20 +848,196 @@ __device__ void linear_rows(const bf16* x, const bf16* weight, const OUT* residu
     }
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// Issues this thread's cp.async copies of chunk `index` into its stage buffer and
+// commits them as one group. An index at or past `count` commits an empty group, so that
+// every thread has committed exactly index + 1 groups after the call for `index`.
+template <int T, int K>
+__device__ inline void linear_issue_chunk(const bf16* weight, int c0, int c1, int index, int count, char* smem) {
+    using Staging = LinearStaging<T, K>;
+    if (index < count) {
+        const LinearChunk part = Staging::chunk(index, c0, c1);
+        char* stage = smem + Staging::stage_of(index) * Staging::kStageBytes;
+        const int copies = Staging::copy_count(part);
+        for (int i = threadIdx.x; i < copies; i += kThreads) {
+            const LinearCopy copy = Staging::copy(part, i);
+            cp_async_16(stage + copy.destination, weight + copy.source);
+        }
+    }
+    cp_async_commit();
+}
+
+// linear_rows with the weight streamed through shared memory (LinearStaging documents
+// the chunks). x is read from global memory with 16-byte loads, so it must be 16-byte
+// aligned, like the weight. With STAGED, linear_prefetch has issued the first
+// kPrefetchedChunks chunks into the same smem on this CTA, and this function issues only
+// the rest. Each lane accumulates the same products in the same order as
+// linear_rows<..., 8>, and the warp reduction is the same butterfly.
+template <int T, int K, int N, typename OUT, bool RESIDUAL, bool STAGED>
+__device__ void linear_rows_staged(const bf16* x, const bf16* weight, const OUT* residual, OUT* out, int c0, int c1,
+                                   char* smem) {
+    using Staging = LinearStaging<T, K>;
+    constexpr int kRows = Staging::kRows;
+    constexpr int kTokens = Staging::kPassTokens;
+    static_assert(Staging::kEnabled, "the pipeline needs K % 8 == 0 and room for two stages");
+    static_assert(Staging::kPipelineBytes <= kLinearPipelineBytes && kLinearPipelineBytes <= kSmemBytes,
+                  "linear stage buffers exceed MPK_SMEM_BYTES");
+    static_assert(kRows * kTokens <= kWarpSize, "one lane stores each output of a row group");
+
+    const int count = Staging::chunk_count(c0, c1);
+    for (int index = Staging::task_first_chunk(STAGED); index < Staging::kPrefetchedChunks; ++index) {
+        linear_issue_chunk<T, K>(weight, c0, c1, index, count, smem);
+    }
+
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    float acc[kTokens][kRows] = {};
+#pragma unroll 1
+    for (int index = 0; index < count; ++index) {
+        // kPrefetchedChunks + index groups are committed, and the newest kPendingGroups
+        // of them hold chunks past this one, so this thread's copies of chunk `index`
+        // have landed after the wait.
+        cp_async_wait<Staging::kPendingGroups>();
+        // The barrier makes every thread's copies visible, and it follows every thread's
+        // reads of chunk index - 1, whose buffer the next issue overwrites.
+        __syncthreads();
+        linear_issue_chunk<T, K>(weight, c0, c1, Staging::chunk_issued_in(index), count, smem);
+
+        const LinearChunk part = Staging::chunk(index, c0, c1);
+        const char* stage = smem + Staging::stage_of(index) * Staging::kStageBytes;
+        const int first_token = part.pass * kTokens;
+        const int chunk_rows = part.row_end - part.row_begin;
+#pragma unroll 1
+        for (int round = 0; round < Staging::kGroupsPerWarp; ++round) {
+            const int first_row = Staging::group_row(warp, round);
+            // Uniform across the warp, so the shuffles below still see all 32 lanes.
+            if (first_row >= chunk_rows) continue;
+            if (part.k_begin == 0) {
+#pragma unroll
+                for (int t = 0; t < kTokens; ++t) {
+#pragma unroll
+                    for (int r = 0; r < kRows; ++r) acc[t][r] = 0.0f;
+                }
+            }
+
+#pragma unroll
+            for (int step = 0; step < Staging::kSliceSteps; ++step) {
+                const int k = part.k_begin + linear_k_offset(step, lane, kCopyElements);
+                if (k >= part.k_end) continue;
+                // Rows past the chunk's end repeat its last row; their sums are never stored.
+                float w[kRows][kCopyElements];
+#pragma unroll
+                for (int r = 0; r < kRows; ++r) {
+                    const int row = first_row + r < chunk_rows ? first_row + r : chunk_rows - 1;
+                    unpack(*reinterpret_cast<const uint4*>(stage + Staging::stage_offset(row, k - part.k_begin)), w[r]);
+                }
+#pragma unroll
+                for (int t = 0; t < kTokens; ++t) {
+                    const int token = first_token + t < T ? first_token + t : T - 1;
+                    float xs[kCopyElements];
+                    load_bf16<kCopyElements, false>(x + static_cast<int64_t>(token) * K + k, xs);
+#pragma unroll
+                    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+                        for (int e = 0; e < kCopyElements; ++e) acc[t][r] = fmaf(xs[e], w[r][e], acc[t][r]);
+                    }
+                }
+            }
+
+            if (part.k_end == K) {
+                // As in linear_rows: lane t * kRows + r stores output (t, r), reading the
+                // residual before writing out.
+#pragma unroll
+                for (int t = 0; t < kTokens; ++t) {
+#pragma unroll
+                    for (int r = 0; r < kRows; ++r) {
+                        const float dot = warp_sum(acc[t][r]);
+                        const int token = first_token + t, row = part.row_begin + first_row + r;
+                        if (lane == t * kRows + r && token < T && row < part.row_end) {
+                            const int64_t at = static_cast<int64_t>(token) * N + row;
+                            const float res = RESIDUAL ? to_float(residual[at]) : 0.0f;
+                            store_element(out + at, linear_output<RESIDUAL>(dot, res));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Only empty groups can still be pending here, because the last iteration waited for
+    // the last chunk.
+}
+#endif
+
 }  // namespace detail
+
+// Starts loading a linear task's weight rows [c0, c1) before its event fires: on sm_80
+// and newer it issues the cp.async copies of the first kPrefetchedChunks chunks of the
+// shared-memory pipeline into `smem` (linear_smem_bytes<T, K>() bytes) without waiting
+// for them, then asks L2 for the whole tile. Call it with every thread of the CTA, only
+// when `smem` is free, and follow it with linear_task<T, K, ..., STAGED = true> on the
+// same CTA with the same weight, c0 and c1, with no other use of `smem` in between.
+// Tiles that linear_task computes from registers (K % 8 != 0, a weight that is not
+// 16-byte aligned) get only the L2 prefetch.
+// The CTA's dynamic shared memory. Every extern __shared__ array starts at the same
+// address, so a standalone __global__ wrapper (the kernel tests) can pass this as `smem`;
+// the megakernel passes its own array.
+__device__ __forceinline__ char* dynamic_smem() {
+    extern __shared__ __align__(16) char mpk_dynamic_smem[];
+    return mpk_dynamic_smem;
+}
+
+template <int T, int K>
+__device__ void linear_prefetch(const __nv_bfloat16* weight, int c0, int c1, char* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    using Staging = detail::LinearStaging<T, K>;
+    if constexpr (Staging::kEnabled) {
+        if (detail::is_aligned(weight, 16)) {
+            const int count = Staging::chunk_count(c0, c1);
+            for (int index = 0; index < Staging::kPrefetchedChunks; ++index) {
+                detail::linear_issue_chunk<T, K>(weight, c0, c1, index, count, smem);
+            }
+        }
+    }
+#else
+    (void)smem;
+#endif
+    prefetch_l2(weight + static_cast<int64_t>(c0) * K, static_cast<size_t>(c1 - c0) * K * sizeof(__nv_bfloat16));
+}
 
 // out[t, n] = sum_k x[t, k] * weight[n, k] (+ residual[t, n]) for n in [c0, c1), t < T,
 // rounded as detail::linear_output documents. x: [T, K]; weight: [N, K];
 // residual, out: [T, N] of type OUT (bf16, or float for the lm_head's logits);
 // residual may equal out. The dot products accumulate in fp32, in a different order
 // than torch's.
-// NOTE: there is no tensor-core path, so long prefill chunks run at GEMV speed
-// (each weight vector is reused for at most 4 tokens), and weight loads go straight to
-// registers rather than through a cp.async shared-memory pipeline.
-template <int T, int K, int N, typename OUT, bool RESIDUAL>
+// On sm_80 and newer, when K % 8 == 0 and x and the weight are 16-byte aligned, the
+// weight streams through a cp.async pipeline in `smem` (linear_smem_bytes<T, K>()
+// bytes); otherwise it is loaded straight into registers. STAGED means that
+// linear_prefetch<T, K> has issued the pipeline's first chunks (see its contract).
+// Either way the task waits for every copy it reads, and for every copy that
+// linear_prefetch issued, before it returns.
+// NOTE: there is no tensor-core path, so long prefill chunks run at GEMV speed, and
+// the staged path streams the tile once per 16 tokens.
+template <int T, int K, int N, typename OUT, bool RESIDUAL, bool STAGED = false>
 __device__ void linear_task(const __nv_bfloat16* x, const __nv_bfloat16* weight, const OUT* residual, OUT* out, int c0,
                             int c1, char* smem) {
     static_assert(std::is_same_v<OUT, bf16> || std::is_same_v<OUT, float>, "linear output is bf16 or float");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (detail::LinearStaging<T, K>::kEnabled) {
+        // linear_prefetch issued copies exactly when the weight is 16-byte aligned.
+        const bool weight_aligned = detail::is_aligned(weight, 16);
+        if (weight_aligned && detail::is_aligned(x, 16)) {
+            detail::linear_rows_staged<T, K, N, OUT, RESIDUAL, STAGED>(x, weight, residual, out, c0, c1, smem);
+            return;
+        }
+        // The scalar path does not read smem, but the prefetched copies must land before
+        // the caller's barrier hands smem to the next task.
+        if constexpr (STAGED) {
+            if (weight_aligned) detail::cp_async_wait_all();
+        }
+        // With x or the weight misaligned, linear_rows' 8-element vectors are out too.
+        detail::linear_rows<T, K, N, OUT, RESIDUAL, 1>(x, weight, residual, out, c0, c1);
+        return;
+    }
+#endif
     (void)smem;
     constexpr int kVec = detail::vector_width_for(K);
     if constexpr (kVec > 1) {

@@ -1,7 +1,8 @@
 // The CUDA backend of the runtime protocol: one persistent kernel, one worker CTA per SM.
 //
 // A generated translation unit defines `__device__ void run_task(void* const*, const mpk::Task&,
-// char* smem)` and `__device__ void prefetch_task(...)`, then expands MPK_CUDA_DEFINE_API.
+// char* smem)` and `__device__ void prefetch_task(void* const*, const mpk::Task&, char* smem)`, then
+// expands MPK_CUDA_DEFINE_API.
 // The host launches the kernel once per iteration, cooperatively, so that all worker CTAs
 // are resident at once (a worker spinning on an event must never keep its producer from
 // being scheduled); inside the iteration nothing returns to the host.
@@ -50,7 +51,7 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return now;
 }
 
-template <void (*RunTask)(void* const*, const Task&, char*), void (*PrefetchTask)(void* const*, const Task&)>
+template <void (*RunTask)(void* const*, const Task&, char*), void (*PrefetchTask)(void* const*, const Task&, char*)>
 class DevicePlatform {
  public:
   __device__ DevicePlatform(const DeviceConfig& config, uint64_t iteration, char* smem)
@@ -77,7 +78,15 @@ class DevicePlatform {
       }
     }
     __syncthreads();
-    return proceed != 0;
+    if (proceed == 0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+      // The worker stops here, and the task's prefetch may still have cp.async copies in
+      // flight into smem: let them land before the CTA exits.
+      asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+      return false;
+    }
+    return true;
   }
 
   __device__ void signal_event(int32_t event) {
@@ -91,10 +100,12 @@ class DevicePlatform {
     __syncthreads();
   }
 
-  // Weights depend on no event, so a worker asks L2 for its next task's weights before
+  // Weights depend on no event, so a worker starts loading its next task's weights before
   // it waits: the weight stream of one operator overlaps the tail of the previous one.
+  // The previous task's execute() ended with a barrier, so prefetch_task may issue
+  // cp.async copies into smem (linear_prefetch does), which that task's run_task waits for.
   __device__ void prefetch(const Task& task) {
-    if (task.op != kRelayOp) PrefetchTask(config_.buffers, task);
+    if (task.op != kRelayOp) PrefetchTask(config_.buffers, task, smem_);
   }
 
   __device__ void trace_begin(int32_t task) {
@@ -118,15 +129,7 @@ class DevicePlatform {
   char* smem_;
 };
 
-// Requests the L2 cache lines of [address, address + bytes), spread over the CTA's threads.
-__device__ __forceinline__ void prefetch_l2(const void* address, size_t bytes) {
-  const char* base = static_cast<const char*>(address);
-  for (size_t offset = static_cast<size_t>(threadIdx.x) * 128; offset < bytes; offset += static_cast<size_t>(blockDim.x) * 128) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + offset));
-  }
-}
-
-template <void (*RunTask)(void* const*, const Task&, char*), void (*PrefetchTask)(void* const*, const Task&)>
+template <void (*RunTask)(void* const*, const Task&, char*), void (*PrefetchTask)(void* const*, const Task&, char*)>
 __global__ void megakernel(DeviceConfig config, uint64_t iteration) {
   extern __shared__ __align__(16) char smem[];
   // The host copied this iteration's inputs before the launch, in stream order.
