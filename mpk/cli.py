@@ -117,7 +117,7 @@ def run_compile(args: argparse.Namespace) -> int:
     from mpk.target import make_target
 
     if (args.model is None) == (args.preset is None):
-        raise MpkError("pass either MODEL_DIR or --preset NAME, not both")
+        raise MpkError("pass MODEL_DIR or --preset NAME (one of them, not both)" if args.preset else "missing model: pass MODEL_DIR or --preset NAME")
     if args.tokens < 1:
         raise MpkError(f"--tokens must be at least 1, got {args.tokens}")
     if args.max_seq_len is not None and args.max_seq_len < max(args.tokens, 1):
@@ -201,6 +201,8 @@ def run_generate(args: argparse.Namespace) -> int:
             target = type(target)(**{**target.to_dict(), "workers": args.workers})
     if args.trace is not None and args.backend == "reference":
         raise MpkError("--trace needs --backend cpu or cuda")
+    if args.trace is not None and not args.trace.resolve().parent.is_dir():
+        raise MpkError(f"--trace {args.trace}: the directory {args.trace.resolve().parent} does not exist; create it or pick another path")
     if args.backend == "cpu" and target.kind != "cpu":
         raise MpkError(f"--backend cpu runs on CPU threads; use --target cpu (got --target {args.target}), or --backend reference to check a GPU tiling")
     session = Session(args.model, max_seq_len=max_seq_len, chunk=args.chunk, backend=args.backend, target=target,
@@ -232,7 +234,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from mpk.sim.trace import write_simulated_trace
 
     if (args.model is None) == (args.preset is None):
-        raise MpkError("pass either MODEL_DIR or --preset NAME, not both")
+        raise MpkError("pass MODEL_DIR or --preset NAME (one of them, not both)" if args.preset else "missing model: pass MODEL_DIR or --preset NAME")
     cfg = get_preset(args.preset) if args.preset else load_config(args.model)
     report = simulate_config(cfg, Scenario(args.gpu, args.batch, args.context, args.sustained_fraction))
     print(format_report(report))

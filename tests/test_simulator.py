@@ -421,7 +421,7 @@ def test_cli_simulate_preset(capsys) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--gpu", "h100"], "pass either MODEL_DIR or --preset NAME"),
+    (["--gpu", "h100"], "missing model: pass MODEL_DIR or --preset NAME"),
     (["--preset", "qwen3-0.6b", "--gpu", "h100", "--batch", 0], "--batch must be at least 1, got 0"),
     (["--preset", "qwen3-0.6b", "--gpu", "h100", "--context", -1], "--context must be 0 or more"),
     (["--preset", "llama-3.2-1b", "--gpu", "h100", "--context", 131072], "exceeds the model's max_position_embeddings=131072"),
