@@ -1,9 +1,9 @@
 """`mpk bench`: per-token decode latency of mpk beside kernel-per-operator baselines.
 
-Every figure is measured on this machine: the decode latency of mpk's CPU backend, of
-transformers eager and of transformers under torch.compile, all on the same checkpoint
-and dtype with the same thread count, and the memory floor: the bytes one decode step
-must read (weights and KV cache) over the read bandwidth that a C++ probe measures.
+Every figure is measured on this machine, on one checkpoint and dtype: the decode latency
+of mpk, of transformers eager, and of transformers under torch.compile (with CUDA graphs
+on a GPU). The memory floor is the bytes one decode step must read (weights and KV cache)
+over the read bandwidth that a probe measures on the same device.
 """
 
 from __future__ import annotations

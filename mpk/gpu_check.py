@@ -51,8 +51,13 @@ def random_model(cfg, seed: int):
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn_like(param, dtype=torch.float32)
-            scale = 0.2 if "norm" in name else (0.2 if "embed" in name else param.shape[-1] ** -0.5)
-            param.copy_((1.0 + scale * noise) if "norm" in name else scale * noise)
+            if "norm" in name:
+                param.copy_(1.0 + 0.2 * noise)
+            elif "embed" in name:
+                param.copy_(0.2 * noise)
+            else:
+                # 1/sqrt(fan_in) keeps activations near unit scale through the layers.
+                param.copy_(noise * param.shape[-1] ** -0.5)
     return model
 
 

@@ -70,7 +70,7 @@ class Target:
 
 
 def cpu_target(workers: int | None = None) -> Target:
-    """A CPU target. NOTE: bandwidth and flops are round estimates for a recent x86 server
+    """Return a CPU target. NOTE: bandwidth and flops are round estimates for a recent x86 server
     core with AVX2; the CPU backend measures real bandwidth when it benchmarks.
     """
     if workers is None:

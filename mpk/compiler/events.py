@@ -127,13 +127,13 @@ def _merge_shared(events: list[_Event], member: dict[int, set[int]], anc: list[i
     return merges
 
 
-def _merge(events: list[_Event], member: dict[int, set[int]], anc: list[int], keep: int, gone: int) -> None:
-    old = events[keep].triggers | events[gone].triggers
+def _merge(events: list[_Event], member: dict[int, set[int]], anc: list[int], keep: int, absorbed: int) -> None:
+    old = events[keep].triggers | events[absorbed].triggers
     triggers = reduce_producers(old, anc)
-    _retrigger(member, old, triggers, (keep, gone), keep)
+    _retrigger(member, old, triggers, (keep, absorbed), keep)
     events[keep].triggers = triggers
-    events[keep].consumers |= events[gone].consumers
-    events[gone].alive = False
+    events[keep].consumers |= events[absorbed].consumers
+    events[absorbed].alive = False
 
 
 def _push_forward(events: list[_Event], member: dict[int, set[int]], anc: list[int], p: int) -> set[int]:

@@ -79,7 +79,7 @@ def assign(order: list[int], plan: EventPlan, seconds: list[float], workers: int
 
 
 def critical_path(deps: list[set[int]], seconds: list[float]) -> float:
-    """Longest chain of exact dependencies, in seconds: the latency with unlimited workers."""
+    """Return the longest chain of exact dependencies in seconds: the latency with unlimited workers."""
     longest = [0.0] * len(deps)
     for t, producers in enumerate(deps):
         longest[t] = seconds[t] + max((longest[p] for p in producers), default=0.0)
@@ -87,7 +87,7 @@ def critical_path(deps: list[set[int]], seconds: list[float]) -> float:
 
 
 def event_critical_path(plan: EventPlan, order: list[int], seconds: list[float], event_latency: float) -> float:
-    """Longest chain through the events, in seconds; exceeds the exact critical path where
+    """Return the longest chain through the events in seconds. It exceeds the exact critical path where
     event coarsening or relays make a task wait for more than it needs.
     """
     fired = [0.0] * (plan.end + 1)

@@ -129,7 +129,7 @@ def _task_accesses(tg: TaskGraph) -> list[list[tuple[str, Box, bool, bool]]]:
 
 
 def check_coverage(tg: TaskGraph, accesses: list) -> None:
-    """Every access stays inside its buffer, every operator has exactly the tiles its spec
+    """Check that every access stays inside its buffer, every operator has exactly the tiles its spec
     cuts for the target, and the tiles write disjoint boxes that cover fresh outputs.
     """
     by_op: dict[int, dict[str, list[tuple[int, Box, bool]]]] = {}

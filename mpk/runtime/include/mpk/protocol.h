@@ -26,7 +26,7 @@
 
 namespace mpk {
 
-// Longest tile tuple of any operator spec (attention: group, first row, last row).
+// Maximum tile tuple length of any operator spec (attention: group, first row, last row).
 constexpr int kMaxTile = 4;
 
 // Opcode of a relay task: it does no work, it only forwards an event.
@@ -45,7 +45,7 @@ struct Event {
   int32_t last;
 };
 
-// Where a wait stalled, for the watchdog's report.
+// The location of a stalled wait, for the watchdog's report.
 struct WaitSite {
   int32_t worker;
   int32_t task;   // -1 when the host waits on END
