@@ -136,7 +136,7 @@ def shim_source() -> str:
                     linear_name(t, k, n, wt, residual),
                     "const float* x, const void* weight, const float* residual, float* out, int c0, int c1",
                     f"mpk::cpu::linear_task<{t}, {k}, {n}, {ctype}, {'true' if residual else 'false'}>"
-                    f"(x, static_cast<const {ctype}*>(weight), residual, out, c0, c1)",
+                    f"(x, static_cast<const {ctype}*>(weight), static_cast<const {ctype}*>(nullptr), residual, out, c0, c1)",
                 ))
         for t, layout in QK_NORM_CASES:
             parts.append(wrapper(

@@ -13,7 +13,7 @@ import torch
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
-from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, cpp_float, Tile, TilingPlan, expect_rank, expect_shape, register
+from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, cpp_float, Tile, TilingPlan, expect_rank, expect_shape, register
 from mpk.ops.norm import check_qkv, group_columns, head_layout
 from mpk.ops.tiling import split
 
@@ -65,6 +65,10 @@ class RopeSpec(OpSpec):
         if cos.shape[0] < k_cache.shape[0]:
             raise GraphError(f"operator {op.name!r} (rope): the cos table has {cos.shape[0]} positions, fewer than the cache's {k_cache.shape[0]}")
         return {"out": (qkv.shape, qkv.dtype)}
+
+    def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
+        slots = min(tensors[op.outputs["k_cache"]].shape[0], tensors[op.inputs["cos"]].shape[0])
+        return {"positions": IndexBound(None, slots, "the KV cache slots and rope table rows")}
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
         return [(g,) for g in range(op.attrs["num_kv_heads"])]
@@ -164,6 +168,9 @@ class AttentionSpec(OpSpec):
         expect_shape(op, "v_cache", tensors[op.inputs["v_cache"]], k_cache.shape)
         op.attrs.setdefault("scale", 1.0 / math.sqrt(head_dim))
         return {"out": ((qkv.shape[0], heads * head_dim), None)}
+
+    def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
+        return {"positions": IndexBound(None, tensors[op.inputs["k_cache"]].shape[0], "the KV cache slots")}
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
         kv_heads = op.attrs["num_kv_heads"]

@@ -128,8 +128,25 @@ class OpSpec:
         """
         return ""
 
+    def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
+        """Integer inputs whose values the kernels use as indices, by role. Executors check
+        them before every iteration, because the kernels index memory with them unchecked.
+        """
+        return {}
+
     def describe_tile(self, op: Op, tile: Tile) -> str:
         return ",".join(str(v) for v in tile)
+
+
+@dataclass(frozen=True)
+class IndexBound:
+    """Values of an index input must lie in [lo, hi); ``lo`` is None where negative values
+    mark padding rows. ``indexes`` says what they index, for error messages.
+    """
+
+    lo: int | None
+    hi: int
+    indexes: str
 
 
 class KernelArgs:

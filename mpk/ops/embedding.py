@@ -1,11 +1,11 @@
-"""Token embedding lookup: out[t, :] = weight[tokens[t], :]."""
+"""Embedding lookups: one table (decoders), or BERT's sum of word, position and token-type rows."""
 
 from __future__ import annotations
 
 import torch
 
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
-from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, Tile, TilingPlan, expect_rank, register
+from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register
 from mpk.ops.tiling import column_parts, split
 
 
@@ -23,6 +23,9 @@ class EmbeddingSpec(OpSpec):
         expect_rank(op, "tokens", tokens, 1)
         expect_rank(op, "weight", weight, 2)
         return {"out": ((tokens.shape[0], weight.shape[1]), None)}
+
+    def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
+        return {"tokens": IndexBound(0, tensors[op.inputs["weight"]].shape[0], f"rows of {op.inputs['weight']!r}")}
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
         hidden = tensors[op.outputs["out"]].shape[1]
@@ -59,3 +62,78 @@ class EmbeddingSpec(OpSpec):
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         c0, c1 = tile
         bufs["out"][:, c0:c1] = bufs["weight"][bufs["tokens"], c0:c1].to(bufs["out"].dtype)
+
+
+@register
+class EmbeddingSumSpec(OpSpec):
+    kind = "embedding_sum"
+    doc = (
+        "BERT's input embedding: out[t] = word[tokens[t]] + position[positions[t]] + "
+        "token_type[token_types[t]]. Tiled over rows, like the layernorm that follows it."
+    )
+    inputs = ("tokens", "positions", "token_types", "word", "position", "token_type")
+    outputs = ("out",)
+    cpu_kernel = "embedding_sum_task"
+    cuda_kernel = "embedding_sum_task"
+
+    def infer(self, op: Op, tensors: dict[str, TensorSpec]):
+        tokens = tensors[op.inputs["tokens"]]
+        expect_rank(op, "tokens", tokens, 1)
+        for role in ("positions", "token_types"):
+            expect_shape(op, role, tensors[op.inputs[role]], tokens.shape)
+        word = tensors[op.inputs["word"]]
+        expect_rank(op, "word", word, 2)
+        for role in ("position", "token_type"):
+            table = tensors[op.inputs[role]]
+            expect_rank(op, role, table, 2)
+            expect_shape(op, role, table, (table.shape[0], word.shape[1]))
+        return {"out": ((tokens.shape[0], word.shape[1]), None)}
+
+    def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
+        tables = (("tokens", "word"), ("positions", "position"), ("token_types", "token_type"))
+        return {role: IndexBound(0, tensors[op.inputs[table]].shape[0], f"rows of {op.inputs[table]!r}") for role, table in tables}
+
+    def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
+        return split(tensors[op.inputs["tokens"]].shape[0], plan.workers)
+
+    def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
+        r0, r1 = tile
+        hidden = tensors[op.outputs["out"]].shape[1]
+        rows = ((r0, r1),)
+        # The table rows read depend on the ids, so whole tables count.
+        tables = [Access(role, ((0, tensors[op.inputs[role]].shape[0]), (0, hidden)), False) for role in ("word", "position", "token_type")]
+        return [
+            Access("tokens", rows, False),
+            Access("positions", rows, False),
+            Access("token_types", rows, False),
+            *tables,
+            Access("out", ((r0, r1), (0, hidden)), True),
+        ]
+
+    def cost(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> Cost:
+        r0, r1 = tile
+        hidden = tensors[op.outputs["out"]].shape[1]
+        table_bytes = sum(DTYPE_BYTES[tensors[op.inputs[role]].dtype] for role in ("word", "position", "token_type"))
+        out_bytes = DTYPE_BYTES[tensors[op.outputs["out"]].dtype]
+        # Only the looked-up rows are read, not the whole tables that accesses() declares.
+        return Cost((r1 - r0) * (hidden * (table_bytes + out_bytes) + 24), 2 * (r1 - r0) * hidden)
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        hidden = tensors[op.outputs["out"]].shape[1]
+        return (f"mpk::cpu::embedding_sum_task<{hidden}>({arg.pointer('tokens')}, {arg.pointer('positions')}, "
+                f"{arg.pointer('token_types')}, {arg.pointer('word')}, {arg.pointer('position')}, {arg.pointer('token_type')}, "
+                f"{arg.pointer('out')}, tile[0], tile[1]);")
+
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        hidden = tensors[op.outputs["out"]].shape[1]
+        return (f"mpk::cuda::embedding_sum_task<{hidden}>({arg.pointer('tokens')}, {arg.pointer('positions')}, "
+                f"{arg.pointer('token_types')}, {arg.pointer('word')}, {arg.pointer('position')}, {arg.pointer('token_type')}, "
+                f"{arg.pointer('out')}, tile[0], tile[1], smem);")
+
+    def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
+        r0, r1 = tile
+        out = bufs["out"]
+        total = bufs["word"][bufs["tokens"][r0:r1]].to(out.dtype)
+        total = total + bufs["position"][bufs["positions"][r0:r1]].to(out.dtype)
+        total = total + bufs["token_type"][bufs["token_types"][r0:r1]].to(out.dtype)
+        out[r0:r1] = total

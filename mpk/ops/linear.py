@@ -1,12 +1,17 @@
-"""Linear layer without bias: out = x @ weight.T, optionally plus a residual."""
+"""Linear layer: out = act(x @ weight.T + bias), or x @ weight.T + bias + residual."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import TensorSpec
 from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register
+
+# Activations that linear applies to its output columns, by attribute value. "gelu" is
+# the exact (erf) GELU of transformers' hidden_act "gelu".
+ACTIVATIONS = ("none", "gelu")
 from mpk.ops.tiling import column_parts, split_segments
 
 
@@ -22,15 +27,17 @@ def linear_tiles(segments: list[int], align: int, plan: TilingPlan) -> list[tupl
 class LinearSpec(OpSpec):
     kind = "linear"
     doc = (
-        "out = x @ weight.T (+ residual). Tiled over output columns, so each task streams its own "
-        "rows of the weight once. `segments` lists the widths of fused projections (q|k|v, gate|up): "
-        "no tile crosses a segment boundary, and tile widths are multiples of `align`."
+        "out = activation(x @ weight.T + bias), or x @ weight.T + bias + residual; bias and residual "
+        "are optional, and `activation` is none or gelu (exact erf GELU, not with a residual). Tiled "
+        "over output columns, so each task streams its own rows of the weight once. `segments` lists "
+        "the widths of fused projections (q|k|v, gate|up): no tile crosses a segment boundary, and "
+        "tile widths are multiples of `align`."
     )
     inputs = ("x", "weight")
-    optional_inputs = ("residual",)
+    optional_inputs = ("bias", "residual")
     outputs = ("out",)
     inplace = {"out": "residual"}
-    attributes = ("segments", "align")
+    attributes = ("segments", "align", "activation")
     cpu_kernel = "linear_task"
     cuda_kernel = "linear_task"
 
@@ -50,6 +57,14 @@ class LinearSpec(OpSpec):
             raise GraphError(f"operator {op.name!r} (linear): segments {segments} do not sum to {weight.shape[0]} rows")
         if "residual" in op.inputs:
             expect_shape(op, "residual", tensors[op.inputs["residual"]], out_shape)
+        if "bias" in op.inputs:
+            expect_shape(op, "bias", tensors[op.inputs["bias"]], (weight.shape[0],))
+        activation = op.attrs.setdefault("activation", "none")
+        if activation not in ACTIVATIONS:
+            raise GraphError(f"operator {op.name!r} (linear): activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if activation != "none" and "residual" in op.inputs:
+            raise GraphError(f"operator {op.name!r} (linear): activation {activation!r} with a residual is ambiguous; "
+                             "add the residual in a separate linear without activation")
         return {"out": (out_shape, None)}
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
@@ -63,6 +78,8 @@ class LinearSpec(OpSpec):
             Access("x", ((0, tokens), (0, features)), False),
             Access("weight", ((c0, c1), (0, features)), False),
         ]
+        if "bias" in op.inputs:
+            found.append(Access("bias", ((c0, c1),), False))
         if "residual" in op.inputs:
             found.append(Access("residual", out, False))
         found.append(Access("out", out, True))
@@ -78,9 +95,10 @@ class LinearSpec(OpSpec):
         tokens, features = tensors[op.inputs["x"]].shape
         columns = tensors[op.inputs["weight"]].shape[0]
         residual = "residual" in op.inputs
-        return (f"mpk::cpu::linear_task<{tokens}, {features}, {columns}, {arg.element('weight')}, {str(residual).lower()}>("
-                f"{arg.pointer('x')}, {arg.pointer('weight')}, {arg.pointer('residual') if residual else 'nullptr'}, "
-                f"{arg.pointer('out')}, tile[0], tile[1]);")
+        bias = arg.pointer("bias") if "bias" in op.inputs else f"static_cast<const {arg.element('weight')}*>(nullptr)"
+        return (f"mpk::cpu::linear_task<{tokens}, {features}, {columns}, {arg.element('weight')}, {str(residual).lower()}, "
+                f"{_epilogue(op, 'cpu')}>({arg.pointer('x')}, {arg.pointer('weight')}, {bias}, "
+                f"{arg.pointer('residual') if residual else 'nullptr'}, {arg.pointer('out')}, tile[0], tile[1]);")
 
     def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
         tokens, features = tensors[op.inputs["x"]].shape
@@ -89,10 +107,18 @@ class LinearSpec(OpSpec):
         out = arg.element("out")
         # STAGED = true, because the megakernel runs cuda_prefetch's linear_prefetch on
         # the same CTA before every run of the task, with only the event wait in between.
-        return (f"mpk::cuda::linear_task<{tokens}, {features}, {columns}, {out}, {str(residual).lower()}, true>("
+        call = (f"mpk::cuda::linear_task<{tokens}, {features}, {columns}, {out}, {str(residual).lower()}, true>("
                 f"{arg.pointer('x')}, {arg.pointer('weight')}, "
                 f"{arg.pointer('residual') if residual else f'static_cast<const {out}*>(nullptr)'}, "
                 f"{arg.pointer('out')}, tile[0], tile[1], smem);")
+        if "bias" not in op.inputs and op.attrs.get("activation", "none") == "none":
+            return call
+        # NOTE: the bias is added after the residual here, while the reference adds it
+        # before; in bf16 the two orders can round differently.
+        bias = arg.pointer("bias") if "bias" in op.inputs else f"static_cast<const {arg.element('weight')}*>(nullptr)"
+        # The epilogue pass reads what other threads of the CTA stored, hence the barrier.
+        return (f"{call}\n      __syncthreads();\n      mpk::cuda::bias_activation_task<{tokens}, {columns}, "
+                f"{_epilogue(op, 'cuda')}>({bias}, {arg.pointer('out')}, tile[0], tile[1]);")
 
     def cuda_prefetch(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
         tokens, features = tensors[op.inputs["x"]].shape
@@ -103,6 +129,16 @@ class LinearSpec(OpSpec):
         c0, c1 = tile
         x = bufs["x"]
         result = x @ bufs["weight"][c0:c1].to(x.dtype).T
+        if "bias" in bufs:
+            result = result + bufs["bias"][c0:c1].to(x.dtype)
+        if op.attrs.get("activation", "none") == "gelu":
+            result = F.gelu(result)
         if "residual" in bufs:
             result = result + bufs["residual"][:, c0:c1]
         bufs["out"][:, c0:c1] = result
+
+
+def _epilogue(op: Op, backend: str) -> str:
+    """The C++ name of the epilogue of a linear: its activation, applied after the bias."""
+    activation = op.attrs.get("activation", "none")
+    return f"mpk::{backend}::Activation::{activation}"

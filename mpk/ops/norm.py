@@ -153,3 +153,59 @@ class QkNormSpec(OpSpec):
         for (c0, c1), weight in ((q, bufs["q_weight"]), (k, bufs["k_weight"])):
             heads = bufs["qkv"][:, c0:c1].reshape(-1, (c1 - c0) // head_dim, head_dim)
             bufs["out"][:, c0:c1] = rms_normalize(heads, weight, eps).reshape(-1, c1 - c0)
+
+
+@register
+class LayerNormSpec(OpSpec):
+    kind = "layernorm"
+    doc = (
+        "out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias over each row (BERT's LayerNorm; "
+        "var is the biased variance). Tiled over rows; may run in place."
+    )
+    inputs = ("x", "weight", "bias")
+    outputs = ("out",)
+    inplace = {"out": "x"}
+    attributes = ("eps",)
+    cpu_kernel = "layernorm_task"
+    cuda_kernel = "layernorm_task"
+
+    def infer(self, op: Op, tensors: dict[str, TensorSpec]):
+        x = tensors[op.inputs["x"]]
+        expect_rank(op, "x", x, 2)
+        expect_shape(op, "weight", tensors[op.inputs["weight"]], (x.shape[1],))
+        expect_shape(op, "bias", tensors[op.inputs["bias"]], (x.shape[1],))
+        attr(op, "eps")
+        return {"out": (x.shape, None)}
+
+    def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
+        return split(tensors[op.inputs["x"]].shape[0], plan.workers)
+
+    def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
+        r0, r1 = tile
+        hidden = tensors[op.inputs["x"]].shape[1]
+        return [
+            Access("x", ((r0, r1), (0, hidden)), False),
+            Access("weight", ((0, hidden),), False),
+            Access("bias", ((0, hidden),), False),
+            Access("out", ((r0, r1), (0, hidden)), True),
+        ]
+
+    def cost(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> Cost:
+        r0, r1 = tile
+        return Cost(super().cost(op, tensors, tile).bytes, 7 * (r1 - r0) * tensors[op.inputs["x"]].shape[1])
+
+    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        hidden = tensors[op.inputs["x"]].shape[1]
+        return (f"mpk::cpu::layernorm_task<{hidden}>({arg.pointer('x')}, {arg.pointer('weight')}, {arg.pointer('bias')}, "
+                f"{arg.pointer('out')}, {cpp_float(op.attrs['eps'])}, tile[0], tile[1]);")
+
+    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
+        hidden = tensors[op.inputs["x"]].shape[1]
+        return (f"mpk::cuda::layernorm_task<{hidden}>({arg.pointer('x')}, {arg.pointer('weight')}, {arg.pointer('bias')}, "
+                f"{arg.pointer('out')}, {cpp_float(op.attrs['eps'])}, tile[0], tile[1], smem);")
+
+    def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
+        r0, r1 = tile
+        x = bufs["x"][r0:r1]
+        weight, bias = bufs["weight"].to(x.dtype), bufs["bias"].to(x.dtype)
+        bufs["out"][r0:r1] = torch.nn.functional.layer_norm(x, (x.shape[1],), weight, bias, op.attrs["eps"])

@@ -17,6 +17,7 @@ from mpk.compiler.taskgraph import TaskGraph
 from mpk.errors import MpkError, RuntimeStallError
 from mpk.ir.tensor import TensorKind, TensorSpec
 from mpk.ops import spec_of
+from mpk.runtime.inputs import check_inputs, index_bounds
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 
@@ -45,6 +46,7 @@ class ReferenceExecutor:
             self.buffers[name] = self._allocate(spec, weights, dtype)
         self.bindings = [self._bind(op) for op in tg.graph.ops]
         self.consumers = [range(tg.first[e], tg.last[e]) for e in range(tg.num_events)]
+        self.bounds = index_bounds(tg)
 
     def _allocate(self, spec: TensorSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         if spec.kind is TensorKind.WEIGHT:
@@ -75,13 +77,8 @@ class ReferenceExecutor:
         return {s.name: self.buffers[s.name].clone() for s in self.tg.placement.buffers.values() if s.kind is TensorKind.OUTPUT}
 
     def _write_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
-        for spec in self.tg.graph.tensors_of(TensorKind.INPUT):
-            if spec.name not in inputs:
-                raise MpkError(f"missing input {spec.name!r} of shape {list(spec.shape)}")
-            value = torch.as_tensor(inputs[spec.name])
-            if tuple(value.shape) != spec.shape:
-                raise MpkError(f"input {spec.name!r} has shape {list(value.shape)}, expected {list(spec.shape)}")
-            self.buffers[spec.name].copy_(value)
+        for name, value in check_inputs(self.tg, inputs, self.bounds).items():
+            self.buffers[name].copy_(value)
 
     def _execute(self) -> None:
         tg = self.tg

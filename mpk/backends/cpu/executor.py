@@ -14,6 +14,7 @@ from mpk.backends.cpu.codegen import describe_buffers, generate_source
 from mpk.compiler.taskgraph import TaskGraph
 from mpk.errors import MpkError, RuntimeStallError
 from mpk.ir.tensor import TensorKind
+from mpk.runtime.inputs import check_inputs, index_bounds
 from mpk.runtime.trace import write_chrome_trace
 
 log = logging.getLogger("mpk.backends.cpu")
@@ -79,7 +80,7 @@ class CpuExecutor:
         )
         self.outputs = {s.name: self.buffers[s.name] for s in tg.placement.buffers.values() if s.kind is TensorKind.OUTPUT}
         self.watchdog_seconds = watchdog_seconds
-        self.vocab_size, self.cache_len = _index_limits(tg)
+        self.bounds = index_bounds(tg)
 
     def _allocate(self, weights, state, weight_dtypes) -> dict[str, torch.Tensor]:
         buffers: dict[str, torch.Tensor] = {}
@@ -106,30 +107,14 @@ class CpuExecutor:
                 if spec.kind in (TensorKind.ACTIVATION, TensorKind.OUTPUT):
                     buffer = self.buffers[spec.name]
                     buffer.fill_(float("nan") if buffer.is_floating_point() else -1)
-        for spec in self.tg.graph.tensors_of(TensorKind.INPUT):
-            value = torch.as_tensor(inputs[spec.name])
-            if tuple(value.shape) != spec.shape:
-                raise MpkError(f"input {spec.name!r} has shape {list(value.shape)}, expected {list(spec.shape)}")
-            self.buffers[spec.name].copy_(value)
-        self._check_inputs()
+        for name, value in check_inputs(self.tg, inputs, self.bounds).items():
+            self.buffers[name].copy_(value)
         status = self.lib.mpk_run(self.handle)
         if status != 0:
             raise self._stall_error()
         if self.trace_enabled:
             self._collect_trace()
         return self.outputs
-
-    def _check_inputs(self) -> None:
-        """The kernels index tables and the KV cache with these values unchecked, so an
-        out-of-range id or position must stop here, before it writes outside a buffer.
-        """
-        for name, limit in self.vocab_size.items():
-            ids = self.buffers[name]
-            if int(ids.min()) < 0 or int(ids.max()) >= limit:
-                raise MpkError(f"input {name!r} contains ids {ids.tolist()}; they must be in 0..{limit - 1}")
-        for name, limit in self.cache_len.items():
-            if int(self.buffers[name].max()) >= limit:
-                raise MpkError(f"input {name!r} contains positions {self.buffers[name].tolist()}; they must be below the KV cache length {limit}")
 
     def _stall_error(self) -> RuntimeStallError:
         report = _StallReport()
@@ -172,18 +157,6 @@ class CpuExecutor:
 
     def __del__(self) -> None:
         self.close()
-
-
-def _index_limits(tg: TaskGraph) -> tuple[dict[str, int], dict[str, int]]:
-    """Per input tensor, the bound its values index: embedding rows, or KV cache slots."""
-    rows, slots = {}, {}
-    tensors = tg.graph.tensors
-    for op in tg.graph.ops:
-        if op.kind == "embedding":
-            rows[op.inputs["tokens"]] = tensors[op.inputs["weight"]].shape[0]
-        elif op.kind == "rope":
-            slots[op.inputs["positions"]] = min(tensors[op.outputs["k_cache"]].shape[0], tensors[op.inputs["cos"]].shape[0])
-    return rows, slots
 
 
 def _task_tables(tg: TaskGraph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

