@@ -1,4 +1,4 @@
-"""Command-line interface: mpk compile | demo | bench | inspect | generate | simulate."""
+"""Command-line interface: mpk compile | demo | bench | inspect | generate | simulate | embed."""
 
 from __future__ import annotations
 
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--trace", type=Path, default=None,
                           help="write the static megakernel's simulated timeline (one track per SM) to this Chrome/Perfetto JSON file")
     simulate.set_defaults(func=run_simulate)
+
+    from mpk.cli_embed import add_embed_parser
+
+    add_embed_parser(commands, common)
     return parser
 
 

@@ -134,15 +134,21 @@ class Embedder:
 
     # execution
 
-    def embed(self, sentences: list[str]) -> np.ndarray:
-        """Embeddings of ``sentences`` in order, float32 [len(sentences), hidden]."""
+    def embed(self, sentences: list[str], progress=None) -> np.ndarray:
+        """Embeddings of ``sentences`` in order, float32 [len(sentences), hidden]. ``progress``,
+        if given, is called with (sentences done, total) after each batch.
+        """
         ids = self.tokenize(sentences)
         out = np.zeros((len(ids), self.cfg.hidden_size), dtype=np.float32)
+        done = 0
         for batch in self.plan([len(s) for s in ids]):
             executor = self.executor(batch.rows, batch.slots)
             pooled = executor.run(self.pack(ids, batch))[OUTPUT]
             out[batch.indices] = pooled[: len(batch.indices)].to("cpu", torch.float32).numpy()
             self.last_executor = executor
+            done += len(batch.indices)
+            if progress is not None:
+                progress(done, len(ids))
         return out
 
     def compile(self, rows: int, slots: int) -> TaskGraph:

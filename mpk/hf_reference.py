@@ -1,4 +1,4 @@
-"""Greedy decoding with transformers, the reference mpk is checked against."""
+"""transformers runs of the models mpk is checked against: greedy decoding and sentence embeddings."""
 
 from __future__ import annotations
 
@@ -43,3 +43,32 @@ def compare(tokens: list[int], logits: torch.Tensor, ref_tokens: list[int], ref_
     total = float((a - b).norm() / b.norm())
     worst = max(float((a[i] - b[i]).norm() / b[i].norm()) for i in range(steps))
     return Mismatch(first, total, worst)
+
+
+def transformers_sentence_embeddings(model_dir: str | Path, sentences: list[str], max_length: int, mode: str = "mean",
+                                     normalize: bool = True, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Embeddings as sentence-transformers computes them, with transformers' BertModel in
+    ``dtype``: tokenize (truncated to ``max_length``), run the model, pool the rows the
+    attention mask keeps (mean, or the [CLS] row), then L2-normalize. Returns [N, hidden].
+    """
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).to(dtype).eval()
+    encoded = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        rows = model(**encoded).last_hidden_state
+    if mode == "cls":
+        pooled = rows[:, 0]
+    else:
+        mask = encoded["attention_mask"].unsqueeze(-1).to(dtype)
+        pooled = (rows * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1) if normalize else pooled
+
+
+def cosine_similarities(a, b) -> torch.Tensor:
+    """Row-wise cosine similarity of two [N, D] arrays, in float64."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)

@@ -318,6 +318,11 @@ class _Reader:
 
 def _parse_architecture(reader: _Reader) -> str:
     supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    if reader.raw.get("model_type") == "bert":
+        raise ConfigError(
+            f"{reader.source}: this is a BERT encoder, not a decoder that generates text; embed "
+            "sentences with it instead: mpk embed MODEL_DIR \"a sentence\""
+        )
     architectures = reader.raw.get("architectures")
     if architectures is None:
         model_type = reader.raw.get("model_type")
