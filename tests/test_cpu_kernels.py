@@ -74,6 +74,16 @@ ATTENTION_CASES = [(5, LAYOUT_A, 40, (3, 37, -1, 0, 20)), (1, LAYOUT_B, 24, (17,
 SILU_SHAPES = [(1, 75), (5, 200)]  # (T, I)
 ARGMAX_PARTIAL_SHAPES = [(5, 1000, 256), (1, 20, 7), (3, 70, 70)]  # (T, V, CHUNK)
 ARGMAX_REDUCE_SHAPES = [(5, 4), (1, 3)]  # (T, P)
+# Encoder kernels. Hidden sizes 40 and 76 have tails on both vector paths; layout C is
+# BERT-like (as many KV heads as q heads) with a head_dim tail.
+LAYERNORM_SHAPES = [(5, 40), (3, 384)]  # (T, H)
+ENCODER_LINEAR_SHAPE = (5, 75, 200)  # (T, K, N)
+EMBEDDING_SUM_SHAPE = (7, 76, 50, 12, 2)  # (T, H, vocab, positions, token types)
+LAYOUT_C = HeadLayout(heads=3, kv_heads=3, head_dim=40)
+# Rows per sentence: 3, 2, a padding row, then 11 rows (more than one block of 8), and an
+# unused slot with an empty span.
+PACKED_SEGMENTS = (0, 0, 0, 1, 1, -1, *([2] * 11))
+PACKED_SPANS = ((0, 3), (3, 5), (6, 17), (17, 17))
 
 
 def wrapper(name: str, params: str, call: str) -> str:
@@ -180,6 +190,54 @@ def shim_source() -> str:
             f"argmax_reduce_t{t}_p{p}",
             "const float* values, const int64_t* indices, int64_t* out",
             f"mpk::cpu::argmax_reduce_task<{t}, {p}>(values, indices, out)",
+        ))
+    parts.append(encoder_shim_source())
+    return "".join(parts)
+
+
+def encoder_shim_source() -> str:
+    """Wrappers of the BERT encoder kernels and of the vector GELU."""
+    rows, layouts = len(PACKED_SEGMENTS), (LAYOUT_A, LAYOUT_C)
+    parts = [
+        'extern "C" void simd_gelu(const float* x, float* y, int n) {\n'
+        "    mpk::cpu::detail::for_each_vector(0, n, [&](int i, auto count) {\n"
+        "        mpk::cpu::detail::store_n(y + i, mpk::cpu::detail::gelu(mpk::cpu::detail::load_n(x + i, count)), count);\n"
+        "    });\n"
+        "}\n",
+    ]
+    t, k, n = ENCODER_LINEAR_SHAPE
+    for wt, (ctype, _) in WEIGHT_TYPES.items():
+        for t_, h in LAYERNORM_SHAPES:
+            parts.append(wrapper(
+                f"layernorm_h{h}_{wt}", "const float* x, const void* w, const void* b, float* out, float eps, int r0, int r1",
+                f"mpk::cpu::layernorm_task<{h}, {ctype}>(x, static_cast<const {ctype}*>(w), static_cast<const {ctype}*>(b), out, eps, r0, r1)",
+            ))
+        for act in ("none", "gelu"):
+            for residual in ("false", "true") if act == "none" else ("false",):
+                parts.append(wrapper(
+                    f"linear_bias_{act}_{residual}_{wt}",
+                    "const float* x, const void* w, const void* b, const float* residual, float* out, int c0, int c1",
+                    f"mpk::cpu::linear_task<{t}, {k}, {n}, {ctype}, {residual}, mpk::cpu::Activation::{act}>"
+                    f"(x, static_cast<const {ctype}*>(w), static_cast<const {ctype}*>(b), residual, out, c0, c1)",
+                ))
+        t_, h = EMBEDDING_SUM_SHAPE[:2]
+        parts.append(wrapper(
+            f"embedding_sum_{wt}", "const int64_t* tokens, const int64_t* positions, const int64_t* types, const void* word, "
+            "const void* position, const void* type, float* out, int r0, int r1",
+            f"mpk::cpu::embedding_sum_task<{h}, {ctype}>(tokens, positions, types, static_cast<const {ctype}*>(word), "
+            f"static_cast<const {ctype}*>(position), static_cast<const {ctype}*>(type), out, r0, r1)",
+        ))
+    for layout in layouts:
+        parts.append(wrapper(
+            f"segment_attention_row{layout.row}", "const float* qkv, const int64_t* segments, const int64_t* spans, float* out, "
+            "float scale, int r0, int r1, int q0, int q1, int k0, int v0",
+            f"mpk::cpu::segment_attention_task<{rows}, {layout.row}, {layout.head_dim}, {layout.heads * layout.head_dim}>"
+            "(qkv, segments, spans, out, scale, r0, r1, q0, q1, k0, v0)",
+        ))
+    for normalize in ("true", "false"):
+        parts.append(wrapper(
+            f"mean_pool_{normalize}", "const float* x, const int64_t* spans, float* out, int b0, int b1",
+            f"mpk::cpu::mean_pool_task<76, {normalize}>(x, spans, out, b0, b1)",
         ))
     return "".join(parts)
 
@@ -550,3 +608,123 @@ def test_argmax_reduce_matches_reference(lib: ctypes.CDLL, t: int, parts: int) -
     call(lib, f"argmax_reduce_t{t}_p{parts}", values, indices, out)
     reference("argmax_reduce", (0,), {"values": values, "indices": indices, "out": expected})
     assert torch.equal(out, expected)
+
+
+def test_simd_gelu_error_bound(lib: ctypes.CDLL) -> None:
+    # Relative to the exact GELU, 0.5 * x * erfc(-x / sqrt(2)) in float64, down the
+    # negative tail where gelu is tiny. (torch's own gelu computes 1 + erf(x / sqrt(2)),
+    # which cancels to 0 below x = -8.4 even in float64, so it cannot be the yardstick.)
+    x = torch.cat([torch.linspace(-12.0, 12.0, 240_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0])])
+    y = nan_like(x)
+    call(lib, "simd_gelu", x, y, x.numel())
+    wide = x.double()
+    exact = 0.5 * wide * torch.special.erfc(-wide / math.sqrt(2.0))
+    relative = (y.double() - exact).abs() / exact.abs().clamp_min(1e-37)
+    # exp(-x^2 / 2) takes an argument whose float32 rounding alone is a relative error of
+    # about x^2 / 2 * 6e-8: measured 1.1e-6 near x = -3 and 1.4e-5 at x = -12, where
+    # |gelu| < 0.004 and 1e-31. A wrong coefficient gives errors of 1e-4 and more.
+    core, tail = relative[x > -3].max().item(), relative[x <= -3].max().item()
+    assert core < 1.5e-6, f"max relative error of the vector GELU over [-3, 12] is {core:.3g}"
+    assert tail < 2e-5, f"max relative error of the vector GELU over [-12, -3] is {tail:.3g}"
+
+
+@pytest.mark.parametrize("wt", list(WEIGHT_TYPES))
+@pytest.mark.parametrize("t, hidden", LAYERNORM_SHAPES)
+def test_layernorm_matches_reference(lib: ctypes.CDLL, wt: str, t: int, hidden: int) -> None:
+    g = torch.Generator().manual_seed(21)
+    # A large common offset: a one-pass variance would lose digits to cancellation.
+    x = torch.randn((t, hidden), generator=g) * 3.0 + 50.0
+    weight, bias = make_weight((hidden,), wt, g, offset=1.0), make_weight((hidden,), wt, g)
+    for tile in [(0, t), (1, t - 1)]:
+        out = torch.full((t, hidden), float("nan"))
+        expected = out.clone()
+        call(lib, f"layernorm_h{hidden}_{wt}", x, weight, bias, out, 1e-12, *tile)
+        reference("layernorm", tile, {"x": x, "weight": weight, "bias": bias, "out": expected}, eps=1e-12)
+        assert_close(out, expected)
+    # In place, as the encoder graph runs it.
+    in_place = x.clone()
+    call(lib, f"layernorm_h{hidden}_{wt}", in_place, weight, bias, in_place, 1e-12, 0, t)
+    expected = x.clone()
+    reference("layernorm", (0, t), {"x": x.clone(), "weight": weight, "bias": bias, "out": expected}, eps=1e-12)
+    assert_close(in_place, expected)
+
+
+@pytest.mark.parametrize("wt", list(WEIGHT_TYPES))
+@pytest.mark.parametrize("act, residual", [("none", False), ("none", True), ("gelu", False)])
+def test_linear_bias_and_gelu_match_reference(lib: ctypes.CDLL, wt: str, act: str, residual: bool) -> None:
+    t, k, n = ENCODER_LINEAR_SHAPE
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn((t, k), generator=g)
+    weight, bias = make_weight((n, k), wt, g), make_weight((n,), wt, g)
+    res = torch.randn((t, n), generator=g) if residual else None
+    for tile in [(0, n), (3, 101)]:
+        out = torch.full((t, n), float("nan"))
+        expected = out.clone()
+        call(lib, f"linear_bias_{act}_{str(residual).lower()}_{wt}", x, weight, bias, res, out, *tile)
+        bufs = {"x": x, "weight": weight, "bias": bias, "out": expected}
+        if residual:
+            bufs["residual"] = res
+        reference("linear", tile, bufs, activation=act)
+        assert_close(out, expected)
+
+
+@pytest.mark.parametrize("wt", list(WEIGHT_TYPES))
+def test_embedding_sum_matches_reference(lib: ctypes.CDLL, wt: str) -> None:
+    t, hidden, vocab, positions, types = EMBEDDING_SUM_SHAPE
+    g = torch.Generator().manual_seed(23)
+    tables = {"word": make_weight((vocab, hidden), wt, g), "position": make_weight((positions, hidden), wt, g),
+              "token_type": make_weight((types, hidden), wt, g)}
+    ids = {"tokens": torch.randint(0, vocab, (t,), generator=g), "positions": torch.randint(0, positions, (t,), generator=g),
+           "token_types": torch.randint(0, types, (t,), generator=g)}
+    for tile in [(0, t), (2, 5)]:
+        out = torch.full((t, hidden), float("nan"))
+        expected = out.clone()
+        call(lib, f"embedding_sum_{wt}", ids["tokens"], ids["positions"], ids["token_types"], tables["word"],
+             tables["position"], tables["token_type"], out, *tile)
+        reference("embedding_sum", tile, {**ids, **tables, "out": expected})
+        assert_close(out, expected)
+
+
+@pytest.mark.parametrize("layout", [LAYOUT_A, LAYOUT_C], ids=["gqa", "bert"])
+def test_segment_attention_matches_reference(lib: ctypes.CDLL, layout: HeadLayout) -> None:
+    rows = len(PACKED_SEGMENTS)
+    g = torch.Generator().manual_seed(24)
+    qkv = torch.randn((rows, layout.row), generator=g) * 2.0
+    # The padding row's k and v are NaN: a sentence that attended to it would be poisoned.
+    qkv[5] = float("nan")
+    segments = torch.tensor(PACKED_SEGMENTS, dtype=torch.int64)
+    spans = torch.tensor(PACKED_SPANS, dtype=torch.int64)
+    scale = layout.head_dim ** -0.5
+    out_cols = layout.heads * layout.head_dim
+    tiles = [(group, 0, rows) for group in range(layout.kv_heads)] + [(1, 4, 13)]
+    for group, r0, r1 in tiles:
+        out = torch.full((rows, out_cols), float("nan"))
+        expected = out.clone()
+        q, k, v = layout.columns(group)
+        call(lib, f"segment_attention_row{layout.row}", qkv, segments, spans, out, scale, r0, r1, q[0], q[1], k[0], v[0])
+        bufs = {"qkv": qkv, "segments": segments, "spans": spans, "out": expected}
+        reference("segment_attention", (group, r0, r1), bufs, scale=scale, **layout.attrs)
+        assert_close(out, expected)
+        assert not out[r0:r1, q[0] : q[1]].isnan().any(), "a sentence read another sentence's or a padding row"
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_mean_pool_matches_reference(lib: ctypes.CDLL, normalize: bool) -> None:
+    rows, hidden = len(PACKED_SEGMENTS), 76
+    g = torch.Generator().manual_seed(25)
+    x = torch.randn((rows, hidden), generator=g) + 0.5
+    x[5] = float("nan")  # the padding row belongs to no span
+    spans = torch.tensor(PACKED_SPANS, dtype=torch.int64)
+    outputs = []
+    for tile in [(0, len(PACKED_SPANS)), (1, 3)]:
+        out = torch.full((len(PACKED_SPANS), hidden), float("nan"))
+        expected = out.clone()
+        call(lib, f"mean_pool_{str(normalize).lower()}", x, spans, out, *tile)
+        reference("mean_pool", tile, {"x": x, "spans": spans, "out": expected}, normalize=normalize)
+        assert_close(out, expected)
+        outputs.append(out)
+    whole = outputs[0]
+    if normalize:
+        norms = whole[:3].double().norm(dim=1)
+        assert torch.allclose(norms, torch.ones(3, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(whole[3], torch.zeros(hidden)), "an empty span must pool to zeros"
