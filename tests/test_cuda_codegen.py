@@ -95,3 +95,22 @@ def test_logits_stay_float_on_gpu(qwen3_graph) -> None:
     assert dtypes["rope.cos"] == "float32"
     assert dtypes["layers.0.qkv_proj"] == "bfloat16"
     assert dtypes["tokens"] == "int64"
+
+
+def test_encoder_source_adds_bias_after_a_barrier() -> None:
+    from mpk.backends.cuda.compile_check import minilm_graph
+
+    target = gpu_target("h100")
+    tg = compile_graph(minilm_graph(64, 4), target)
+    source = generate_source(tg)
+    cases = switch_cases(source, "run_task")
+    for number, op in enumerate(tg.graph.ops):
+        if op.kind != "linear":
+            continue
+        run = cases[number]
+        # The epilogue reads elements other threads stored: the barrier must come first.
+        assert run.index("linear_task<") < run.index("__syncthreads();") < run.index("bias_activation_task<"), run
+        activation = "gelu" if op.name.endswith("intermediate.dense") else "none"
+        assert f"mpk::cuda::Activation::{activation}>" in run
+    dtypes = buffer_dtypes(tg)
+    assert dtypes[tg.placement.home["pool.out"]] == "float32", "pooled embeddings stay fp32 for the host"

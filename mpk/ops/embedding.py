@@ -68,8 +68,8 @@ class EmbeddingSpec(OpSpec):
 class EmbeddingSumSpec(OpSpec):
     kind = "embedding_sum"
     doc = (
-        "BERT's input embedding: out[t] = word[tokens[t]] + position[positions[t]] + "
-        "token_type[token_types[t]]. Tiled over rows, like the layernorm that follows it."
+        "BERT's input embedding: out[t] = (word[tokens[t]] + token_type[token_types[t]]) + "
+        "position[positions[t]], in transformers' order. Tiled over rows, like the layernorm that follows it."
     )
     inputs = ("tokens", "positions", "token_types", "word", "position", "token_type")
     outputs = ("out",)
@@ -134,6 +134,5 @@ class EmbeddingSumSpec(OpSpec):
         r0, r1 = tile
         out = bufs["out"]
         total = bufs["word"][bufs["tokens"][r0:r1]].to(out.dtype)
-        total = total + bufs["position"][bufs["positions"][r0:r1]].to(out.dtype)
         total = total + bufs["token_type"][bufs["token_types"][r0:r1]].to(out.dtype)
-        out[r0:r1] = total
+        out[r0:r1] = total + bufs["position"][bufs["positions"][r0:r1]].to(out.dtype)

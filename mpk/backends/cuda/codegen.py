@@ -3,7 +3,8 @@
 As on the CPU, each operator becomes one case of a switch whose kernel call carries the
 shapes as template arguments; the task table is data. On the GPU, weights and activations
 are bf16 (accumulation is fp32 inside the kernels), except the logits and the argmax
-partial maxima, which stay fp32 so that greedy sampling sees unrounded scores.
+partial maxima, which stay fp32 so that greedy sampling sees unrounded scores, and pooled
+sentence embeddings, which the host reads as fp32.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ def buffer_dtypes(tg: TaskGraph) -> dict[str, str]:
     for op in tg.graph.ops:
         if op.kind == "argmax_partial":
             full_precision |= {op.inputs["logits"], op.outputs["values"]}
+        elif op.kind == "mean_pool":
+            full_precision.add(op.outputs["out"])
     full_precision = {tg.placement.home[name] for name in full_precision}
     dtypes = {}
     for name, spec in tg.placement.buffers.items():
         if spec.dtype == "int64":
             dtypes[name] = "int64"
         elif name in full_precision or (spec.kind is TensorKind.WEIGHT and spec.source and spec.source.generator):
-            dtypes[name] = "float32"  # logits, argmax maxima, rope tables
+            dtypes[name] = "float32"  # logits, argmax maxima, sentence embeddings, rope tables
         else:
             dtypes[name] = "bfloat16"
     return dtypes

@@ -1,4 +1,4 @@
-"""Compile the megakernels of the test models for every GPU architecture, without a GPU.
+"""Compile the megakernels of the test models and of all-MiniLM-L6-v2 for every GPU architecture, without a GPU.
 
     python -m mpk.backends.cuda.compile_check [--update-baseline]
 
@@ -37,12 +37,23 @@ def test_model_configs():
     }
 
 
+def minilm_graph(rows: int, sentences: int):
+    """all-MiniLM-L6-v2's encoder graph, from its published shape (no files needed)."""
+    from mpk.frontend.bert import BertConfig, Pooling
+    from mpk.frontend.encoder import encoder_graph
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_layers=6, num_heads=12,
+                     max_positions=512, type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0)
+    return encoder_graph(cfg, Pooling("mean", True, 256), rows, sentences)
+
+
 def compile_all() -> dict[str, dict[str, dict[str, int]]]:
     target = gpu_target("h100")
     sources = {}
     for name, cfg in test_model_configs().items():
         for tokens in (1, 16):
             sources[f"{name}-t{tokens}"] = generate_source(compile_graph(decoder_graph(cfg, tokens, 128, target), target))
+    sources["minilm-r512-b32"] = generate_source(compile_graph(minilm_graph(512, 32), target))
     jobs = [(model, arch) for model in sources for arch in SUPPORTED_ARCHS]
     with ThreadPoolExecutor(max_workers=2) as pool:
         libraries = list(pool.map(lambda job: build_megakernel(sources[job[0]], job[1]), jobs))

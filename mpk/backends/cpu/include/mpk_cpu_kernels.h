@@ -485,8 +485,8 @@ void argmax_reduce_task(const float* values, const int64_t* indices, int64_t* ou
     }
 }
 
-// Rows r0..r1-1: out[t] = word[tokens[t]] + position[positions[t]] + token_type[types[t]]
-// (BERT's input embedding, summed in that order as transformers does). Tables: [*, H].
+// Rows r0..r1-1: out[t] = (word[tokens[t]] + token_type[types[t]]) + position[positions[t]],
+// BERT's input embedding, summed in the order of transformers' BertEmbeddings. Tables: [*, H].
 // NOTE: ids are not range-checked here; the executors check them against the tables.
 template <int H, typename W>
 void embedding_sum_task(const int64_t* tokens, const int64_t* positions, const int64_t* types, const W* word,
@@ -497,8 +497,8 @@ void embedding_sum_task(const int64_t* tokens, const int64_t* positions, const i
         const W* c = token_type + types[t] * H;
         float* row = out + static_cast<std::ptrdiff_t>(t) * H;
         detail::for_each_vector(0, H, [&](int i, auto count) {
-            const detail::Vec sum = detail::load_n(a + i, count) + detail::load_n(b + i, count);
-            detail::store_n(row + i, sum + detail::load_n(c + i, count), count);
+            const detail::Vec typed = detail::load_n(a + i, count) + detail::load_n(c + i, count);
+            detail::store_n(row + i, typed + detail::load_n(b + i, count), count);
         });
     }
 }

@@ -1486,4 +1486,181 @@ __device__ void argmax_reduce_task(const float* values, const int64_t* indices, 
     }
 }
 
+// ---------------------------------------------------------------------------------
+// Sentence encoders (BERT): linear epilogue, embedding sum, LayerNorm, attention within
+// packed sentences, mean pooling. These kernels are simple (one element or one warp per
+// item, no vector loads): they are correct by construction rather than tuned.
+// NOTE: no GPU has run them yet; they are compiled for every architecture in CI.
+// ---------------------------------------------------------------------------------
+
+// The activation a linear applies after its bias.
+enum class Activation { none, gelu };
+
+namespace detail {
+
+// Exact GELU through erfc, which keeps its relative accuracy in the negative tail.
+MPK_CUDA_HD float gelu(float x) { return 0.5f * x * erfcf(-x * 0.70710678118654752f); }
+
+}  // namespace detail
+
+// out[t, c] = act(out[t, c] + bias[c]) for t < T and c in [c0, c1), in place after
+// linear_task stored the product (bias may be null). The caller runs __syncthreads()
+// between the two, since a thread here reads elements that other threads stored. Each
+// step rounds to bf16, as torch's bf16 addition and GELU do.
+template <int T, int N, Activation ACT>
+__device__ void bias_activation_task(const __nv_bfloat16* bias, __nv_bfloat16* out, int c0, int c1) {
+    const int width = c1 - c0;
+    for (int i = threadIdx.x; i < T * width; i += kThreads) {
+        const int t = i / width, c = c0 + i % width;
+        bf16* at = out + static_cast<int64_t>(t) * N + c;
+        float value = detail::to_float(*at);
+        if (bias != nullptr) value = detail::round_bf16(value + detail::to_float(bias[c]));
+        if constexpr (ACT == Activation::gelu) value = detail::gelu(value);
+        detail::store_element(at, value);
+    }
+}
+
+// Rows r0..r1-1: out[t] = (word[tokens[t]] + token_type[types[t]]) + position[positions[t]],
+// in transformers' BertEmbeddings order, each sum rounded to bf16. Tables: [*, H].
+template <int H>
+__device__ void embedding_sum_task(const int64_t* tokens, const int64_t* positions, const int64_t* types,
+                                   const __nv_bfloat16* word, const __nv_bfloat16* position,
+                                   const __nv_bfloat16* token_type, __nv_bfloat16* out, int r0, int r1, char* smem) {
+    (void)smem;
+    for (int i = threadIdx.x; i < (r1 - r0) * H; i += kThreads) {
+        const int t = r0 + i / H, c = i % H;
+        const float typed = detail::round_bf16(detail::to_float(word[tokens[t] * H + c]) +
+                                               detail::to_float(token_type[types[t] * H + c]));
+        detail::store_element(out + static_cast<int64_t>(t) * H + c, typed + detail::to_float(position[positions[t] * H + c]));
+    }
+}
+
+inline constexpr int kLayerNormSmemBytes = detail::kBlockSumSmemBytes;
+
+// Rows r0..r1-1: out = (x - mean) / sqrt(var + eps) * weight + bias, mean and biased
+// variance in fp32 from the centred values. Each thread keeps its elements of the row in
+// registers across both CTA-wide sums, and block_sum's barriers order every read of a
+// row before any write, so out may alias x.
+template <int H>
+__device__ void layernorm_task(const __nv_bfloat16* x, const __nv_bfloat16* weight, const __nv_bfloat16* bias,
+                               __nv_bfloat16* out, float eps, int r0, int r1, char* smem) {
+    static_assert(kLayerNormSmemBytes <= kSmemBytes, "layernorm scratch exceeds MPK_SMEM_BYTES");
+    constexpr int kPerThread = (H + kThreads - 1) / kThreads;
+    float* scratch = reinterpret_cast<float*>(smem);
+    for (int r = r0; r < r1; ++r) {
+        const bf16* row = x + static_cast<int64_t>(r) * H;
+        float values[kPerThread];
+        float sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int c = threadIdx.x + i * kThreads;
+            values[i] = c < H ? detail::to_float(row[c]) : 0.0f;
+            sum += values[i];
+        }
+        const float mean = detail::block_sum(sum, scratch) / static_cast<float>(H);
+        float squares = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int c = threadIdx.x + i * kThreads;
+            if (c < H) squares += (values[i] - mean) * (values[i] - mean);
+        }
+        const float inverse = 1.0f / sqrtf(detail::block_sum(squares, scratch) / static_cast<float>(H) + eps);
+        bf16* out_row = out + static_cast<int64_t>(r) * H;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int c = threadIdx.x + i * kThreads;
+            if (c < H) {
+                const float normalized = (values[i] - mean) * inverse;
+                detail::store_element(out_row + c, normalized * detail::to_float(weight[c]) + detail::to_float(bias[c]));
+            }
+        }
+    }
+}
+
+// Bidirectional attention within packed sentences, as the CPU kernel of the same name:
+// each q head in columns [q0, q1) of rows r0..r1-1 attends over the k head at column k0
+// and the v head at v0 of its sentence's rows spans[segments[r]]. One warp per (row, head)
+// pair: the lanes split the head's HD elements, a warp sum gives each score, and the
+// online softmax runs on every lane with the same values. Rows with a negative segment
+// or an empty span get zeros.
+template <int ROWS, int ROW, int HD, int OUT_COLS>
+__device__ void segment_attention_task(const __nv_bfloat16* qkv, const int64_t* segments, const int64_t* spans,
+                                       __nv_bfloat16* out, float scale, int r0, int r1, int q0, int q1, int k0, int v0,
+                                       char* smem) {
+    (void)smem;
+    constexpr int kPerLane = (HD + kWarpSize - 1) / kWarpSize;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int heads = (q1 - q0) / HD;
+    for (int item = warp; item < (r1 - r0) * heads; item += kWarps) {
+        const int r = r0 + item / heads, h = q0 + (item % heads) * HD;
+        const int64_t s = segments[r];
+        const int64_t start = s < 0 ? 0 : spans[2 * s], end = s < 0 ? 0 : spans[2 * s + 1];
+        float q[kPerLane], acc[kPerLane];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int d = lane + i * kWarpSize;
+            q[i] = d < HD ? detail::to_float(qkv[static_cast<int64_t>(r) * ROW + h + d]) : 0.0f;
+            acc[i] = 0.0f;
+        }
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t j = start; j < end; ++j) {
+            const bf16* key = qkv + j * ROW + k0;
+            float partial = 0.0f;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                const int d = lane + i * kWarpSize;
+                if (d < HD) partial += q[i] * detail::to_float(key[d]);
+            }
+            float correction, weight;
+            detail::online_softmax_step(m, l, detail::warp_sum(partial) * scale, correction, weight);
+            const bf16* value = qkv + j * ROW + v0;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                const int d = lane + i * kWarpSize;
+                if (d < HD) acc[i] = acc[i] * correction + weight * detail::to_float(value[d]);
+            }
+        }
+        bf16* out_row = out + static_cast<int64_t>(r) * OUT_COLS + h;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int d = lane + i * kWarpSize;
+            if (d < HD) detail::store_element(out_row + d, end > start ? acc[i] / l : 0.0f);
+        }
+    }
+}
+
+inline constexpr int kMeanPoolSmemBytes = detail::kBlockSumSmemBytes;
+
+// Sentences b0..b1-1: out[b] = mean of x rows spans[b] (zeros for an empty span), then
+// with NORMALIZE divided by max(L2 norm, 1e-12). Sums are fp32; out is fp32 or bf16.
+template <int H, bool NORMALIZE, typename OUT>
+__device__ void mean_pool_task(const __nv_bfloat16* x, const int64_t* spans, OUT* out, int b0, int b1, char* smem) {
+    static_assert(kMeanPoolSmemBytes <= kSmemBytes, "mean_pool scratch exceeds MPK_SMEM_BYTES");
+    constexpr int kPerThread = (H + kThreads - 1) / kThreads;
+    float* scratch = reinterpret_cast<float*>(smem);
+    for (int b = b0; b < b1; ++b) {
+        const int64_t start = spans[2 * b], end = spans[2 * b + 1];
+        const float count = end > start ? static_cast<float>(end - start) : 1.0f;
+        float means[kPerThread];
+        float squares = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int c = threadIdx.x + i * kThreads;
+            float sum = 0.0f;
+            if (c < H) {
+                for (int64_t r = start; r < end; ++r) sum += detail::to_float(x[r * H + c]);
+            }
+            means[i] = sum / count;
+            squares += means[i] * means[i];
+        }
+        float scale = 1.0f;
+        if constexpr (NORMALIZE) scale = 1.0f / fmaxf(sqrtf(detail::block_sum(squares, scratch)), 1e-12f);
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int c = threadIdx.x + i * kThreads;
+            if (c < H) detail::store_element(out + static_cast<int64_t>(b) * H + c, means[i] * scale);
+        }
+    }
+}
+
 }  // namespace mpk::cuda
