@@ -78,6 +78,9 @@ ARGMAX_REDUCE_SHAPES = [(5, 4), (1, 3)]  # (T, P)
 # BERT-like (as many KV heads as q heads) with a head_dim tail.
 LAYERNORM_SHAPES = [(5, 40), (3, 384)]  # (T, H)
 ENCODER_LINEAR_SHAPE = (5, 75, 200)  # (T, K, N)
+# The panel kernel: 19 rows are two blocks of 8 and a tail of 3 (AVX-512) or four of 4 and
+# a tail of 3 (AVX2); 200 columns are four whole 48-column panels and a partial one.
+PANEL_ROWS = (5, 19)
 EMBEDDING_SUM_SHAPE = (7, 76, 50, 12, 2)  # (T, H, vocab, positions, token types)
 LAYOUT_C = HeadLayout(heads=3, kv_heads=3, head_dim=40)
 # Rows per sentence: 3, 2, a padding row, then 11 rows (more than one block of 8), and an
@@ -218,6 +221,14 @@ def encoder_shim_source() -> str:
                     f"linear_bias_{act}_{residual}_{wt}",
                     "const float* x, const void* w, const void* b, const float* residual, float* out, int c0, int c1",
                     f"mpk::cpu::linear_task<{t}, {k}, {n}, {ctype}, {residual}, mpk::cpu::Activation::{act}>"
+                    f"(x, static_cast<const {ctype}*>(w), static_cast<const {ctype}*>(b), residual, out, c0, c1)",
+                ))
+        for rows in PANEL_ROWS:
+            for act, residual in (("none", "false"), ("none", "true"), ("gelu", "false")):
+                parts.append(wrapper(
+                    f"linear_panels_t{rows}_{act}_{residual}_{wt}",
+                    "const float* x, const void* w, const void* b, const float* residual, float* out, int c0, int c1",
+                    f"mpk::cpu::linear_panels_task<{rows}, {k}, {n}, {ctype}, {residual}, mpk::cpu::Activation::{act}>"
                     f"(x, static_cast<const {ctype}*>(w), static_cast<const {ctype}*>(b), residual, out, c0, c1)",
                 ))
         t_, h = EMBEDDING_SUM_SHAPE[:2]
@@ -728,3 +739,35 @@ def test_mean_pool_matches_reference(lib: ctypes.CDLL, normalize: bool) -> None:
         norms = whole[:3].double().norm(dim=1)
         assert torch.allclose(norms, torch.ones(3, dtype=torch.float64), atol=1e-6)
     assert torch.equal(whole[3], torch.zeros(hidden)), "an empty span must pool to zeros"
+
+
+@pytest.mark.parametrize("wt", list(WEIGHT_TYPES))
+@pytest.mark.parametrize("rows", PANEL_ROWS)
+@pytest.mark.parametrize("act, residual", [("none", False), ("none", True), ("gelu", False)])
+def test_linear_panels_match_reference(lib: ctypes.CDLL, wt: str, rows: int, act: str, residual: bool) -> None:
+    from mpk.backends.cpu.codegen import pack_panels
+
+    _, k, n = ENCODER_LINEAR_SHAPE
+    g = torch.Generator().manual_seed(26)
+    x = torch.randn((rows, k), generator=g)
+    weight, bias = make_weight((n, k), wt, g), make_weight((n,), wt, g)
+    packed = pack_panels(weight)
+    assert packed.shape == (5, k, 48)
+    res = torch.randn((rows, n), generator=g) if residual else None
+    # Whole panels, tiles that start and end inside panels and vectors, one inside a panel.
+    for tile in [(0, n), (3, 101), (96, n), (40, 57)]:
+        out = torch.full((rows, n), float("nan"))
+        expected = out.clone()
+        call(lib, f"linear_panels_t{rows}_{act}_{str(residual).lower()}_{wt}", x, packed, bias, res, out, *tile)
+        bufs = {"x": x, "weight": weight, "bias": bias, "out": expected}
+        if residual:
+            bufs["residual"] = res
+        reference("linear", tile, bufs, activation=act)
+        assert_close(out, expected)
+    if residual:
+        # In place on the residual, as the encoder's output projections run.
+        in_place = res.clone()
+        call(lib, f"linear_panels_t{rows}_none_true_{wt}", x, packed, bias, in_place, in_place, 0, n)
+        expected = torch.empty_like(res)
+        reference("linear", (0, n), {"x": x, "weight": weight, "bias": bias, "residual": res.clone(), "out": expected})
+        assert_close(in_place, expected)

@@ -13,11 +13,12 @@ CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "int64": "int64_t
 class BufferArgs(KernelArgs):
     """Pointers into the `buffers` table of a generated translation unit: the buffer index
     comes from the task graph's placement, the element type from ``dtypes`` (per buffer)
-    through ``types`` (dtype name -> C++ type).
+    through ``types`` (dtype name -> C++ type); ``panels`` names the weight buffers stored
+    packed into panels.
     """
 
-    def __init__(self, op: Op, tg: TaskGraph, dtypes: dict[str, str], types: dict[str, str]) -> None:
-        self.op, self.tg, self.dtypes, self.types = op, tg, dtypes, types
+    def __init__(self, op: Op, tg: TaskGraph, dtypes: dict[str, str], types: dict[str, str], panels: frozenset[str] = frozenset()) -> None:
+        self.op, self.tg, self.dtypes, self.types, self.panels = op, tg, dtypes, types, panels
         self.index = {name: i for i, name in enumerate(tg.placement.buffers)}
 
     def _buffer(self, role: str) -> str:
@@ -26,6 +27,9 @@ class BufferArgs(KernelArgs):
 
     def element(self, role: str) -> str:
         return self.types[self.dtypes[self._buffer(role)]]
+
+    def packed(self, role: str) -> bool:
+        return self._buffer(role) in self.panels
 
     def pointer(self, role: str) -> str:
         qualifier = "" if role in self.op.outputs else "const "

@@ -48,7 +48,10 @@ def encoder_graph(cfg: BertConfig, pooling: Pooling, rows: int, sentences: int, 
 
     pooled = b.add("mean_pool", "pool", {"x": hidden, "spans": pool_spans}, normalize=pooling.normalize)["out"]
     b.mark_output(pooled)
-    return b.build(meta={"bert": cfg.to_dict(), "pooling": pooling.mode, "normalize": pooling.normalize})
+    # Every encoder graph has many rows, so the CPU backend packs linear weights into the
+    # panels of its outer-product kernel (see mpk.backends.cpu.codegen.panel_weights).
+    meta = {"bert": cfg.to_dict(), "pooling": pooling.mode, "normalize": pooling.normalize, "cpu_weight_layout": "panels"}
+    return b.build(meta=meta)
 
 
 def encoder_layer(b: GraphBuilder, cfg: BertConfig, i: int, hidden: str, segments: str, spans: str, prefix: str) -> str:

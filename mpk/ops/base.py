@@ -159,6 +159,12 @@ class KernelArgs:
         """The C++ element type of the tensor bound to ``role`` (float, mpk::bf16, __nv_bfloat16, int64_t)."""
         raise NotImplementedError
 
+    def packed(self, role: str) -> bool:
+        """Whether the backend stores the weight bound to ``role`` packed into panels
+        (K-major blocks of output columns) instead of row-major.
+        """
+        return False
+
 
 def cpp_float(value: float) -> str:
     return f"static_cast<float>({float(value)!r})"

@@ -96,7 +96,8 @@ class LinearSpec(OpSpec):
         columns = tensors[op.inputs["weight"]].shape[0]
         residual = "residual" in op.inputs
         bias = arg.pointer("bias") if "bias" in op.inputs else f"static_cast<const {arg.element('weight')}*>(nullptr)"
-        return (f"mpk::cpu::linear_task<{tokens}, {features}, {columns}, {arg.element('weight')}, {str(residual).lower()}, "
+        kernel = "linear_panels_task" if arg.packed("weight") else "linear_task"
+        return (f"mpk::cpu::{kernel}<{tokens}, {features}, {columns}, {arg.element('weight')}, {str(residual).lower()}, "
                 f"{_epilogue(op, 'cpu')}>({arg.pointer('x')}, {arg.pointer('weight')}, {bias}, "
                 f"{arg.pointer('residual') if residual else 'nullptr'}, {arg.pointer('out')}, tile[0], tile[1]);")
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mpk.backends.cpu.build import build_library
-from mpk.backends.cpu.codegen import describe_buffers, generate_source
+from mpk.backends.cpu.codegen import describe_buffers, generate_source, pack_panels, panel_weights
 from mpk.compiler.taskgraph import TaskGraph
 from mpk.errors import MpkError, RuntimeStallError
 from mpk.ir.tensor import TensorKind
@@ -84,9 +84,15 @@ class CpuExecutor:
 
     def _allocate(self, weights, state, weight_dtypes) -> dict[str, torch.Tensor]:
         buffers: dict[str, torch.Tensor] = {}
+        panels = panel_weights(self.tg)
         for name, spec, dtype in describe_buffers(self.tg, weight_dtypes):
             if spec.kind is TensorKind.WEIGHT:
                 tensor = weights[name].to(TORCH_DTYPES[dtype]).contiguous()
+                if tuple(tensor.shape) != spec.shape:
+                    raise MpkError(f"weight {name!r} has shape {list(tensor.shape)}, the task graph expects {list(spec.shape)}")
+                if name in panels:
+                    buffers[name] = pack_panels(tensor)
+                    continue
             elif spec.kind is TensorKind.STATE:
                 tensor = state[name]
                 if tensor.dtype != torch.float32 or not tensor.is_contiguous():

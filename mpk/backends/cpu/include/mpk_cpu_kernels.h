@@ -485,6 +485,131 @@ void argmax_reduce_task(const float* values, const int64_t* indices, int64_t* ou
     }
 }
 
+// ---------------------------------------------------------------------------------
+// Linear over many rows, on weights packed into panels
+// ---------------------------------------------------------------------------------
+//
+// With many rows of x (an encoder batch), the dot-product kernel above spends much of its
+// time on horizontal sums. The panel kernel instead computes outer products: the weight
+// is packed once, at load time, into panels of kPanel output columns stored K-major
+// (panel p holds weight[48p + j][k] at [p][k][j], zero past N), so each step loads a few
+// weight vectors and multiplies them by one broadcast x element per row, accumulating
+// whole vectors of output columns. kPanelRows rows of x x kPanelVectors vectors of
+// columns are in registers: 8 x 3 = 24 of the 32 zmm registers with AVX-512, 4 x 2 = 8 of
+// the 16 ymm with AVX2. A task loops over its panels, over the vector groups of each
+// panel, then over all row blocks, so a panel's K x group slice stays in L2 while x
+// streams through.
+inline constexpr int kPanel = 48;
+#if defined(MPK_SIMD_AVX512)
+inline constexpr int kPanelRows = 8;
+inline constexpr int kPanelVectors = 3;
+#elif defined(MPK_SIMD_AVX2)
+inline constexpr int kPanelRows = 4;
+inline constexpr int kPanelVectors = 2;
+#else
+inline constexpr int kPanelRows = 4;
+inline constexpr int kPanelVectors = 4;
+#endif
+inline constexpr int kPanelGroup = kPanelVectors * detail::kWidth;
+static_assert(kPanel % kPanelGroup == 0, "a panel is a whole number of vector groups");
+
+namespace detail {
+
+// acc[m][v] = sum_k x[m, k] * panel[k][v * kWidth + lane] for ROWS rows of x (K apart)
+// and one vector group of a panel (kPanel apart per k).
+template <int K, int ROWS, typename W>
+inline void panel_block(const float* x, const W* panel, Vec (&acc)[ROWS][kPanelVectors]) {
+#pragma GCC unroll 8
+    for (int m = 0; m < ROWS; ++m) {
+#pragma GCC unroll 4
+        for (int v = 0; v < kPanelVectors; ++v) acc[m][v] = simd::zero();
+    }
+    for (int k = 0; k < K; ++k) {
+        Vec w[kPanelVectors];
+#pragma GCC unroll 4
+        for (int v = 0; v < kPanelVectors; ++v) w[v] = simd::load(panel + static_cast<std::ptrdiff_t>(k) * kPanel + v * kWidth);
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; ++m) {
+            const Vec xv = simd::broadcast(x[static_cast<std::ptrdiff_t>(m) * K + k]);
+#pragma GCC unroll 4
+            for (int v = 0; v < kPanelVectors; ++v) acc[m][v] = simd::fmadd(xv, w[v], acc[m][v]);
+        }
+    }
+}
+
+// Stores acc for rows t0.. and columns n0 + v * kWidth + lane, keeping to [c0, c1):
+// out = acc + bias (+ residual). Vectors wholly inside the range go through vector loads
+// and stores; the one or two that straddle an end, element by element.
+template <int N, int ROWS, typename B, bool RESIDUAL>
+inline void panel_store(const Vec (&acc)[ROWS][kPanelVectors], const B* bias, const float* residual, float* out, int t0,
+                        int n0, int c0, int c1) {
+    for (int v = 0; v < kPanelVectors; ++v) {
+        const int n = n0 + v * kWidth;
+        if (n >= c1 || n + kWidth <= c0) continue;
+        if (n >= c0 && n + kWidth <= c1) {
+            const Vec b = bias != nullptr ? load_n(bias + n, Full{}) : simd::zero();
+            for (int m = 0; m < ROWS; ++m) {
+                const std::ptrdiff_t at = static_cast<std::ptrdiff_t>(t0 + m) * N + n;
+                Vec value = acc[m][v] + b;
+                if constexpr (RESIDUAL) value = value + simd::load(residual + at);
+                simd::store(out + at, value);
+            }
+            continue;
+        }
+        for (int m = 0; m < ROWS; ++m) {
+            alignas(64) float lanes[kWidth];
+            simd::store(lanes, acc[m][v]);
+            for (int lane = 0; lane < kWidth; ++lane) {
+                const int c = n + lane;
+                if (c < c0 || c >= c1) continue;
+                const std::ptrdiff_t at = static_cast<std::ptrdiff_t>(t0 + m) * N + c;
+                float value = lanes[lane];
+                if (bias != nullptr) value += to_float(bias[c]);
+                if constexpr (RESIDUAL) value += residual[at];
+                out[at] = value;
+            }
+        }
+    }
+}
+
+}  // namespace detail
+
+// The linear_task contract (out = act(x @ weight.T + bias) (+ residual) over columns
+// [c0, c1)), with the weight packed into panels as described above: packed is
+// [ceil(N / kPanel), K, kPanel]. Each output element is written once, after its whole
+// sum, so residual may equal out.
+template <int T, int K, int N, typename W, bool RESIDUAL, Activation ACT = Activation::none, typename B = W>
+void linear_panels_task(const float* x, const W* packed, const B* bias, const float* residual, float* out, int c0, int c1) {
+    static_assert(!(RESIDUAL && ACT != Activation::none), "an activation with a residual is ambiguous");
+    constexpr int kRows = T < kPanelRows ? T : kPanelRows;
+    for (int p = c0 / kPanel; p * kPanel < c1; ++p) {
+        const W* panel = packed + static_cast<std::ptrdiff_t>(p) * K * kPanel;
+        for (int g = 0; g < kPanel; g += kPanelGroup) {
+            const int n0 = p * kPanel + g;
+            if (n0 >= c1 || n0 + kPanelGroup <= c0) continue;
+            int t0 = 0;
+            for (; t0 + kRows <= T; t0 += kRows) {
+                detail::Vec acc[kRows][kPanelVectors];
+                detail::panel_block<K, kRows>(x + static_cast<std::ptrdiff_t>(t0) * K, panel + g, acc);
+                detail::panel_store<N, kRows, B, RESIDUAL>(acc, bias, residual, out, t0, n0, c0, c1);
+            }
+            if constexpr (T % kRows != 0) {
+                detail::Vec acc[T % kRows][kPanelVectors];
+                detail::panel_block<K, T % kRows>(x + static_cast<std::ptrdiff_t>(t0) * K, panel + g, acc);
+                detail::panel_store<N, T % kRows, B, RESIDUAL>(acc, bias, residual, out, t0, n0, c0, c1);
+            }
+        }
+    }
+    if constexpr (ACT == Activation::gelu) {
+        for (int t = 0; t < T; ++t) {
+            float* row = out + static_cast<std::ptrdiff_t>(t) * N;
+            detail::for_each_vector(c0, c1, [&](int c, auto count) {
+                detail::store_n(row + c, detail::gelu(detail::load_n(row + c, count)), count);
+            });
+        }
+    }
+}
+
 // Rows r0..r1-1: out[t] = (word[tokens[t]] + token_type[types[t]]) + position[positions[t]],
 // BERT's input embedding, summed in the order of transformers' BertEmbeddings. Tables: [*, H].
 // NOTE: ids are not range-checked here; the executors check them against the tables.
