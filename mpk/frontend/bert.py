@@ -1,6 +1,6 @@
 """Configuration of a BERT sentence encoder: the Hugging Face config.json of a BertModel
 and the sentence-transformers files beside it (modules.json, the pooling module's
-config.json, sentence_bert_config.json), which say how token rows become one embedding.
+config.json, sentence_bert_config.json), which define how token rows become one embedding.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 from mpk.errors import ConfigError
 
 BERT_ARCHITECTURES = ("BertModel",)
-POOLING_MODES = ("mean", "cls")
 
 # sentence-transformers module types that mpk runs, by the role they play.
 _TRANSFORMER_MODULE = "sentence_transformers.models.Transformer"
@@ -45,20 +44,11 @@ class BertConfig:
 
 @dataclass(frozen=True)
 class Pooling:
-    """How sentence-transformers turns token rows into one sentence embedding."""
+    """Pooling settings: how sentence-transformers turns token rows into one embedding."""
 
     mode: str              # "mean" over the sentence's rows, or "cls" (its first row)
     normalize: bool        # divide by the L2 norm afterwards
     max_seq_length: int    # tokens per sentence, [CLS] and [SEP] included; longer input is truncated
-
-
-def is_bert(model_dir: str | Path) -> bool:
-    """Whether model_dir/config.json describes a BERT encoder (model_type "bert")."""
-    try:
-        raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("model_type") == "bert"
 
 
 def load_bert_config(model_dir: str | Path) -> BertConfig:
