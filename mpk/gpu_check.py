@@ -4,7 +4,8 @@
 
 Sized to finish in about 8 minutes on one H200: tiny test checkpoints, then Qwen3-0.6B- and
 Qwen3-8B-shaped models whose seeded random weights are made on the GPU and handed to
-both mpk and transformers in memory (no 16 GB checkpoint is written).
+both mpk and transformers in memory (no 16 GB checkpoint is written), and sentence
+embeddings with the real all-MiniLM-L6-v2 weights against transformers in float64.
 
 NOTE: written without a GPU at hand; its first run on one is also its first test.
 """
@@ -117,6 +118,34 @@ def check_model(name: str, cfg, checkpoint, reference, rows: list[dict], bandwid
     rows.append(row)
 
 
+EMBED_SENTENCES = ["The quick brown fox jumps over the lazy dog.", "", "Grüße aus Köln, 東京は晴れです 🙂", "word " * 300,
+                   "Megakernels run a whole model in one persistent kernel.", "?!", "Short.", "A longer sentence " * 12]
+# bf16 activations on the GPU: the bound that --verify uses on the CPU (0.99999) is for fp32.
+EMBED_MIN_COSINE = 0.999
+
+
+def check_embeddings() -> dict:
+    """all-MiniLM-L6-v2 on the cuda backend: lowest cosine similarity to transformers in
+    float64 (on the CPU), and sentences/s at batch 32 (median of 5 passes, compiles excluded).
+    """
+    from mpk.embed import Embedder
+    from mpk.hf_reference import cosine_similarities, transformers_sentence_embeddings
+
+    sentences = EMBED_SENTENCES * 8
+    embedder = Embedder(backend="cuda", batch_size=32)
+    embeddings = embedder.embed(sentences)
+    times = []
+    for _ in range(5):
+        begin = time.perf_counter()
+        embedder.embed(sentences)
+        times.append(time.perf_counter() - begin)
+    reference = transformers_sentence_embeddings(embedder.model_dir, EMBED_SENTENCES, embedder.pooling.max_seq_length)
+    embedder.close()
+    cosine = float(cosine_similarities(embeddings[: len(EMBED_SENTENCES)], reference).min())
+    LOG.info("all-MiniLM-L6-v2: lowest cosine similarity %.6f, %.0f sentences/s", cosine, len(sentences) / statistics.median(times))
+    return {"cosine": cosine, "sentences_per_second": len(sentences) / statistics.median(times)}
+
+
 def main() -> int:
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     handlers = [logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(out / "gpu_check.log")] if out else [])
@@ -139,6 +168,11 @@ def main() -> int:
         ("qwen3-8b", get_preset("qwen3-8b"), True),
     ]
     rows: list[dict] = []
+    try:
+        embeddings = check_embeddings()
+    except Exception as err:  # report and go on: the decoder checks are independent
+        LOG.exception("the embedding check failed")
+        embeddings = {"error": f"{type(err).__name__}: {err}"}
     for name, cfg, baselines in models:
         if time.perf_counter() - start > BUDGET_SECONDS:
             LOG.warning("skipped %s: the %d s budget is spent", name, BUDGET_SECONDS)
@@ -148,11 +182,19 @@ def main() -> int:
         del reference
         torch.cuda.empty_cache()
 
-    table = format_table(rows, props.name, bandwidth)
+    table = format_table(rows, props.name, bandwidth) + "\n\n" + format_embeddings(embeddings)
     print(table)
     if out:
         (out / "gpu_check.md").write_text(table + "\n")
-    return 0 if all(r["tokens"] == "match" for r in rows if r["model"].endswith("tiny")) else 1
+    decoders_ok = all(r["tokens"] == "match" for r in rows if r["model"].endswith("tiny"))
+    return 0 if decoders_ok and embeddings.get("cosine", 0.0) >= EMBED_MIN_COSINE else 1
+
+
+def format_embeddings(result: dict) -> str:
+    if "error" in result:
+        return f"all-MiniLM-L6-v2 embeddings (cuda backend): FAILED: {result['error']}"
+    return (f"all-MiniLM-L6-v2 embeddings (cuda backend, batch 32): lowest cosine similarity to transformers "
+            f"{result['cosine']:.6f} (bound {EMBED_MIN_COSINE}), {result['sentences_per_second']:.0f} sentences/s")
 
 
 def format_table(rows: list[dict], device: str, bandwidth: float) -> str:
