@@ -124,7 +124,7 @@ EMBED_SENTENCES = ["The quick brown fox jumps over the lazy dog.", "", "Grüße 
 EMBED_MIN_COSINE = 0.999
 
 
-def check_embeddings() -> dict:
+def check_embeddings(backend: str = "cuda") -> dict:
     """all-MiniLM-L6-v2 on the cuda backend: lowest cosine similarity to transformers in
     float64 (on the CPU), and sentences/s at batch 32 (median of 5 passes, compiles excluded).
     """
@@ -132,7 +132,7 @@ def check_embeddings() -> dict:
     from mpk.hf_reference import cosine_similarities, transformers_sentence_embeddings
 
     sentences = EMBED_SENTENCES * 8
-    embedder = Embedder(backend="cuda", batch_size=32)
+    embedder = Embedder(backend=backend, batch_size=32)
     embeddings = embedder.embed(sentences)
     times = []
     for _ in range(5):
