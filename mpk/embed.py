@@ -79,19 +79,27 @@ class Embedder:
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg: BertConfig = load_bert_config(self.model_dir)
         self.pooling: Pooling = load_pooling(self.model_dir, self.cfg)
-        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.tokenizer = _load_tokenizer(self.model_dir, self.cfg)
         self.checkpoint = Checkpoint(self.model_dir)
         self.prefix = _weight_prefix(self.checkpoint)
-        if target is None and backend == "cuda":
-            from mpk.backends.cuda.executor import cuda_target
+        if backend == "cuda":
+            from mpk.backends.cuda.executor import check_device, cuda_target
 
-            target = cuda_target()
+            check_device(target.workers if target is not None else 1)
+            target = target or cuda_target()
         self.target = target or cpu_target()
         self.backend, self.batch_size, self.mode, self.trace = backend, batch_size, mode, trace
         self.watchdog_seconds, self.seed = watchdog_seconds, seed
         self.weights: dict[str, torch.Tensor] | None = None
         self.executors: OrderedDict[tuple[int, int], object] = OrderedDict()
         self.last_executor = None
+        self.compiles = 0  # batch shapes compiled so far
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # tokenization and packing
 
@@ -142,6 +150,10 @@ class Embedder:
         """Embeddings of ``sentences`` in order, float32 [len(sentences), hidden]. ``progress``,
         if given, is called with (sentences done, total) after each batch.
         """
+        if isinstance(sentences, str):
+            raise MpkError("pass a list of sentences, not one string")
+        if len(sentences) == 0:
+            return np.zeros((0, self.cfg.hidden_size), dtype=np.float32)
         ids = self.tokenize(sentences)
         out = np.zeros((len(ids), self.cfg.hidden_size), dtype=np.float32)
         done = 0
@@ -167,6 +179,7 @@ class Embedder:
             return self.executors[key]
         log.info("compiling the encoder for %d rows and %d sentences", rows, slots)
         tg = self.compile(rows, slots)
+        self.compiles += 1
         weights = self._weights(tg)
         if self.backend == "reference":
             executor = ReferenceExecutor(tg, weights, {}, seed=self.seed)
@@ -194,20 +207,31 @@ class Embedder:
         return self.weights
 
     def close(self) -> None:
+        """Stop the executors' threads. A later embed() call builds them again."""
         for executor in self.executors.values():
             if hasattr(executor, "close"):
                 executor.close()
         self.executors.clear()
 
 
-def _load_tokenizer(model_dir: Path):
+def _load_tokenizer(model_dir: Path, cfg: BertConfig):
+    """Load the model's own tokenizer. Without its files, transformers would build an empty
+    BERT tokenizer that maps every word to [UNK], so their absence is an error here.
+    """
     from transformers import AutoTokenizer
 
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        raise ConfigError(f"{model_dir}: no tokenizer.json or vocab.txt; copy the tokenizer files saved with the model "
+                          "into the directory (tokenizer.save_pretrained(MODEL_DIR))")
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{model_dir}: the tokenizer could not be loaded ({err}); the directory must hold the "
-                          "tokenizer files saved with the model (tokenizer.json or vocab.txt)") from err
+        raise ConfigError(f"{model_dir}: the tokenizer could not be loaded ({err}); restore the tokenizer files "
+                          "saved with the model") from err
+    if len(tokenizer) > cfg.vocab_size:
+        raise ConfigError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{cfg.vocab_size}; the tokenizer files belong to another model")
+    return tokenizer
 
 
 def _weight_prefix(checkpoint: Checkpoint) -> str:

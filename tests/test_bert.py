@@ -192,6 +192,29 @@ def test_out_of_range_packing_is_rejected(tiny_bert: Path) -> None:
     embedder.close()
 
 
+def test_missing_tokenizer_is_an_error(tmp_path: Path, tiny_bert: Path) -> None:
+    # transformers would otherwise build an empty tokenizer that maps every word to [UNK].
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_bert, model_dir)
+    for name in ("tokenizer.json", "vocab.txt"):
+        (model_dir / name).unlink()
+    with pytest.raises(ConfigError, match="no tokenizer.json or vocab.txt"):
+        Embedder(model_dir)
+
+
+def test_empty_list_and_context_manager(tiny_bert: Path) -> None:
+    with Embedder(tiny_bert, backend="reference") as embedder:
+        empty = embedder.embed([])
+    assert empty.shape == (0, 40)
+    assert not embedder.executors, "leaving the block closes the executors"
+
+
+def test_cuda_backend_without_a_gpu(monkeypatch, tiny_bert: Path) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(MpkError, match="no CUDA device is visible"):
+        Embedder(tiny_bert, backend="cuda")
+
+
 def test_bad_arguments(tiny_bert: Path) -> None:
     with pytest.raises(MpkError, match="batch size"):
         Embedder(tiny_bert, batch_size=0)

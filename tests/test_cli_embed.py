@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,8 @@ def test_default_model_json_lines_with_verify(capsys) -> None:
     assert embeddings.shape == (3, 384)
     reference = transformers_embeddings(minilm_dir(), sentences, 256)
     assert float(cosines(embeddings, reference).min()) >= 0.99999
-    assert "verify: OK" in err and "sentences/s" in err
+    assert "verify: OK" in err
+    assert "sentences/s" in err
 
 
 def test_model_dir_and_npy_output(capsys, tiny_bert: Path, tmp_path: Path) -> None:
@@ -60,6 +62,9 @@ def test_model_dir_and_npy_output(capsys, tiny_bert: Path, tmp_path: Path) -> No
     assert float(cosines(embeddings, reference).min()) >= 0.99999
     assert f"embedded {len(SENTENCES)}/{len(SENTENCES)} sentences" in err, "more than one batch reports progress"
     assert list(tmp_path.iterdir()) == [out], "no temporary file is left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "the file gets the mode a plain open() would"
 
 
 def test_input_file_jsonl_output_and_trace(capsys, tiny_bert: Path, tmp_path: Path) -> None:
@@ -94,7 +99,15 @@ def test_bad_input(capsys, tiny_bert: Path, tmp_path: Path) -> None:
     assert_clean_error(code, err, "no config.json")
     code, _, err = run(capsys, "embed", "hi", "--backend", "reference", "--trace", tmp_path / "t.json")
     assert_clean_error(code, err, "--trace needs --backend cpu or cuda")
+    code, _, err = run(capsys, "embed", "hi", "--input", tmp_path / "missing.txt")
+    assert_clean_error(code, err, "--input")
+    code, _, err = run(capsys, "embed", tmp_path, "hi")
+    assert_clean_error(code, err, "directory without config.json")
     assert list(tmp_path.iterdir()) == [], "a failed run writes no file"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = run(capsys, "embed", "--input", empty)
+    assert_clean_error(code, err, "contains no lines")
 
 
 def test_cuda_without_a_gpu(capsys, monkeypatch) -> None:
