@@ -168,7 +168,7 @@ class Embedder:
         return out
 
     def compile(self, rows: int, slots: int) -> TaskGraph:
-        graph = encoder_graph(self.cfg, self.pooling, rows, slots, self.prefix)
+        graph = encoder_graph(self.cfg, self.pooling, rows, slots, self.prefix, self.target)
         return compile_graph(graph, self.target)
 
     def executor(self, rows: int, slots: int):

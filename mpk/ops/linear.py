@@ -15,11 +15,12 @@ ACTIVATIONS = ("none", "gelu")
 from mpk.ops.tiling import column_parts, split_segments
 
 
-def linear_tiles(segments: list[int], align: int, plan: TilingPlan) -> list[tuple[int, int]]:
-    """Column tiles of a linear layer with these output segments. Operators that consume
-    one segment tile by tile (silu_mul, argmax_partial) reuse it to line up with them.
+def linear_tiles(segments: list[int], align: int, plan: TilingPlan, per_worker: int = 1) -> list[tuple[int, int]]:
+    """Column tiles of a linear layer with these output segments, about ``per_worker``
+    per worker. Operators that consume one segment tile by tile (silu_mul,
+    argmax_partial) reuse it to line up with them.
     """
-    parts = column_parts(sum(segments), plan.workers, plan.min_columns)
+    parts = column_parts(sum(segments), plan.workers * per_worker, plan.min_columns)
     return split_segments(segments, parts, align)
 
 
@@ -31,13 +32,14 @@ class LinearSpec(OpSpec):
         "are optional, and `activation` is none or gelu (exact erf GELU, not with a residual). Tiled "
         "over output columns, so each task streams its own rows of the weight once. `segments` lists "
         "the widths of fused projections (q|k|v, gate|up): no tile crosses a segment boundary, and "
-        "tile widths are multiples of `align`."
+        "tile widths are multiples of `align`. `tiles_per_worker` (default 1) cuts finer tiles, which "
+        "balance the workers better when each task is long (many rows)."
     )
     inputs = ("x", "weight")
     optional_inputs = ("bias", "residual")
     outputs = ("out",)
     inplace = {"out": "residual"}
-    attributes = ("segments", "align", "activation")
+    attributes = ("segments", "align", "activation", "tiles_per_worker")
     cpu_kernel = "linear_task"
     cuda_kernel = "linear_task"
 
@@ -68,7 +70,7 @@ class LinearSpec(OpSpec):
         return {"out": (out_shape, None)}
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
-        return linear_tiles(op.attrs["segments"], op.attrs["align"], plan)
+        return linear_tiles(op.attrs["segments"], op.attrs["align"], plan, op.attrs.get("tiles_per_worker", 1))
 
     def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
         c0, c1 = tile
