@@ -101,7 +101,11 @@ def test_packing_puts_sentences_back_to_back(tiny_bert: Path) -> None:
 
 
 def test_row_buckets() -> None:
-    assert [row_bucket(n) for n in (1, 16, 17, 128, 129, 1024, 1025)] == [16, 16, 32, 128, 192, 1024, 1280]
+    assert [row_bucket(n) for n in (1, 16, 17, 128, 129, 300, 1024, 1025)] == [16, 16, 32, 128, 144, 320, 1024, 1152]
+    for rows in range(1, 5000):
+        bucket = row_bucket(rows)
+        assert bucket >= rows
+        assert bucket - rows < max(16, rows / 8)
 
 
 @pytest.mark.usefixtures("single_torch_thread")

@@ -115,7 +115,7 @@ def _cpu_tiling(rows: int) -> dict:
     """
     from mpk.backends.cpu.codegen import PANEL
 
-    return {"align": PANEL, "tiles_per_worker": 4 if rows >= 256 else 1}
+    return {"align": PANEL, "tiles_per_worker": 4 if rows >= 128 else 1}
 
 
 def _layernorm(b: GraphBuilder, cfg: BertConfig, x: str, name: str, prefix: str) -> str:

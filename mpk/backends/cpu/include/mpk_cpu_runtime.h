@@ -7,13 +7,19 @@
 // Threads are created once and run iteration after iteration: in static mode each worker
 // loops over its task list; in dynamic mode scheduler threads push the consumers of
 // every fired event onto worker queues. Between iterations the threads back off to
-// sleeping, so an idle runtime costs little CPU.
+// short sleeps and then park on a futex until the host begins the next iteration, so an
+// idle runtime costs no CPU (an Embedder keeps several runtimes, one per batch shape).
 #pragma once
 
+#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
+
+#include <climits>
 
 #include <atomic>
 #include <chrono>
@@ -64,6 +70,10 @@ class Backoff {
     }
     ++rounds_;
   }
+
+  // True once the backoff has reached its sleeping stage: the wait has lasted long
+  // enough (about 2000 yields) that parking costs nothing noticeable.
+  bool sleeping() const { return rounds_ >= kSpinRounds + kYieldRounds; }
 
  private:
   static constexpr int kSpinRounds = 128;
@@ -179,7 +189,8 @@ class Runtime {
   }
 
   ~Runtime() {
-    stop_.store(1, std::memory_order_release);
+    stop_.store(1, std::memory_order_seq_cst);
+    wake_parked();
     for (auto& thread : threads_) thread.join();
   }
 
@@ -189,7 +200,11 @@ class Runtime {
     const uint64_t iteration = ++iteration_;
     for (auto& count : trace_counts_) count.value = 0;
     // Release: the inputs the host wrote, and the trace reset, happen before any task.
-    __atomic_fetch_add(&counters_[kBeginEvent].value, 1, __ATOMIC_RELEASE);
+    // Sequentially consistent, and so is park()'s increment of parked_, so that either
+    // wake_parked() below sees a parked thread or that thread sees the new count.
+    in_flight_.store(1, std::memory_order_seq_cst);
+    __atomic_fetch_add(&counters_[kBeginEvent].value, 1, __ATOMIC_SEQ_CST);
+    wake_parked();
     if (config_.mode == kDynamic) push_event(kBeginEvent, iteration);
 
     const int32_t end = static_cast<int32_t>(events_.size()) - 1;
@@ -207,6 +222,7 @@ class Runtime {
       }
       backoff.pause();
     }
+    in_flight_.store(0, std::memory_order_relaxed);
     return kOk;
   }
 
@@ -236,9 +252,15 @@ class Runtime {
         if (rt_.stop_.load(std::memory_order_relaxed) || rt_.stalled_.load(std::memory_order_relaxed)) return false;
         const uint64_t now = now_ns();
         // The watchdog runs only once the host has begun this iteration: before that,
-        // waiting is the runtime's idle state, however long it lasts.
-        if (__atomic_load_n(&rt_.counters_[kBeginEvent].value, __ATOMIC_RELAXED) < iteration) {
-          start = now;
+        // waiting is the runtime's idle state, however long it lasts, and a long idle
+        // wait parks the thread.
+        const uint64_t begun = __atomic_load_n(&rt_.counters_[kBeginEvent].value, __ATOMIC_RELAXED);
+        if (begun < iteration) {
+          if (backoff.sleeping()) {
+            rt_.park(static_cast<uint32_t>(begun));
+            backoff = Backoff{};  // the iteration has begun: poll for the event closely again
+          }
+          start = now_ns();
         } else if (now - start > rt_.config_.watchdog_ns) {
           rt_.report_stall(site, __atomic_load_n(counter, __ATOMIC_RELAXED), target, iteration);
           return false;
@@ -332,22 +354,56 @@ class Runtime {
   // A worker without tasks still has to notice stop requests.
   bool idle_until_next(uint64_t iteration) {
     Backoff backoff;
-    while (__atomic_load_n(&counters_[kBeginEvent].value, __ATOMIC_ACQUIRE) < iteration) {
+    for (;;) {
+      const uint64_t begun = __atomic_load_n(&counters_[kBeginEvent].value, __ATOMIC_ACQUIRE);
+      if (begun >= iteration) return true;
       if (stop_.load(std::memory_order_relaxed) || stalled_.load(std::memory_order_relaxed)) return false;
+      if (backoff.sleeping()) {
+        park(static_cast<uint32_t>(begun));
+        backoff = Backoff{};
+      }
       backoff.pause();
     }
-    return true;
   }
 
   // Pops the next entry (iteration << 32 | id) of a dynamic-mode queue, backing off while
-  // it is empty; false once the runtime stops.
+  // it is empty; false once the runtime stops. Between iterations (no iteration in
+  // flight) a long wait parks the thread.
   bool next_entry(Queue& queue, uint64_t* entry) {
     Backoff backoff;
     while (!stop_.load(std::memory_order_relaxed) && !stalled_.load(std::memory_order_relaxed)) {
       if (queue.pop(entry)) return true;
+      if (backoff.sleeping()) {
+        const uint64_t begun = __atomic_load_n(&counters_[kBeginEvent].value, __ATOMIC_RELAXED);
+        if (!in_flight_.load(std::memory_order_seq_cst)) park(static_cast<uint32_t>(begun));
+        backoff = Backoff{};
+      }
       backoff.pause();
     }
     return false;
+  }
+
+  // Futex word: the low 32 bits of BEGIN's counter, which change at every iteration
+  // (x86-64 and AArch64 Linux are little-endian).
+  uint32_t* begin_word() { return reinterpret_cast<uint32_t*>(&counters_[kBeginEvent].value); }
+
+  // Blocks until BEGIN's low word differs from `seen` (the host began an iteration) or the
+  // runtime stops. FUTEX_WAIT sleeps only while the word still equals `seen`, so a begin
+  // between the caller's read and the wait cannot be missed. Spurious wake-ups are fine:
+  // every caller re-checks its condition.
+  void park(uint32_t seen) {
+    parked_.fetch_add(1, std::memory_order_seq_cst);
+    if (__atomic_load_n(begin_word(), __ATOMIC_SEQ_CST) == seen && !stop_.load(std::memory_order_seq_cst)) {
+      syscall(SYS_futex, begin_word(), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+    }
+    parked_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+
+  // Wakes every parked thread; the syscall is skipped when none is parked.
+  void wake_parked() {
+    if (parked_.load(std::memory_order_seq_cst) > 0) {
+      syscall(SYS_futex, begin_word(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+    }
   }
 
   void dynamic_worker(int32_t w) {
@@ -429,6 +485,8 @@ class Runtime {
   std::vector<std::thread> threads_;
   std::atomic<int32_t> stop_{0};
   std::atomic<int32_t> stalled_{0};
+  std::atomic<int32_t> parked_{0};     // threads blocked in park()
+  std::atomic<int32_t> in_flight_{0};  // 1 from the host's begin of an iteration to its end
   std::atomic<int32_t> reported_{0};
   StallReport report_{};
   uint64_t iteration_ = 0;
