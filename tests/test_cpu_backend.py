@@ -8,6 +8,7 @@ ThreadSanitizer. The build cache, the watchdog and the trace are checked on thei
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -339,3 +340,24 @@ def test_text_prompt_without_tokenizer(qwen3_dir: Path, capsys: pytest.CaptureFi
     assert code == 2
     assert "has no tokenizer" in err
     assert "--prompt-ids" in err
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_idle_runtime_parks_and_wakes(qwen3_dir: Path, mode: str) -> None:
+    tg, weights = compiled(qwen3_dir, workers=2)
+    executor = CpuExecutor(tg, weights, new_state(tg), mode=mode)
+    first = executor.run(decode_inputs(0))["lm_head.out"].clone()
+
+    # Past the spin and yield stages (a few milliseconds) the threads park on a futex.
+    time.sleep(0.2)
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    time.sleep(0.5)
+    idle_cpu = time.process_time() - cpu_before
+    idle_wall = time.perf_counter() - wall_before
+    # Napping threads would burn a good share of a core here; parked ones burn none.
+    assert idle_cpu < 0.05 * idle_wall, f"an idle runtime used {idle_cpu:.3f} s of CPU in {idle_wall:.2f} s"
+
+    # The parked threads wake for the next iteration, which computes the same position.
+    again = executor.run(decode_inputs(0))["lm_head.out"]
+    executor.close()
+    assert torch.equal(first, again)
