@@ -166,6 +166,14 @@ class KernelArgs:
         return False
 
 
+def task_call(backend: str, kernel: str, template_args: list, args: list[str]) -> str:
+    """Return the statement that calls mpk::<backend>::<kernel><template_args>(args). On
+    the cuda backend the worker CTA's shared memory, ``smem``, goes last.
+    """
+    arguments = [*args, "smem"] if backend == "cuda" else list(args)
+    return f"mpk::{backend}::{kernel}<{', '.join(str(a) for a in template_args)}>({', '.join(arguments)});"
+
+
 def cpp_float(value: float) -> str:
     return f"static_cast<float>({float(value)!r})"
 

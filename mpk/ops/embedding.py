@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
-from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register
+from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, Tile, TilingPlan, expect_rank, expect_shape, register, task_call
 from mpk.ops.tiling import column_parts, split
 
 
@@ -118,17 +118,16 @@ class EmbeddingSumSpec(OpSpec):
         # Only the looked-up rows are read, not the whole tables that accesses() declares.
         return Cost((r1 - r0) * (hidden * (table_bytes + out_bytes) + 24), 2 * (r1 - r0) * hidden)
 
+    def _call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
+        roles = ("tokens", "positions", "token_types", "word", "position", "token_type", "out")
+        return task_call(backend, "embedding_sum_task", [tensors[op.outputs["out"]].shape[1]],
+                         [*(arg.pointer(role) for role in roles), "tile[0]", "tile[1]"])
+
     def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        hidden = tensors[op.outputs["out"]].shape[1]
-        return (f"mpk::cpu::embedding_sum_task<{hidden}>({arg.pointer('tokens')}, {arg.pointer('positions')}, "
-                f"{arg.pointer('token_types')}, {arg.pointer('word')}, {arg.pointer('position')}, {arg.pointer('token_type')}, "
-                f"{arg.pointer('out')}, tile[0], tile[1]);")
+        return self._call(op, tensors, arg, "cpu")
 
     def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        hidden = tensors[op.outputs["out"]].shape[1]
-        return (f"mpk::cuda::embedding_sum_task<{hidden}>({arg.pointer('tokens')}, {arg.pointer('positions')}, "
-                f"{arg.pointer('token_types')}, {arg.pointer('word')}, {arg.pointer('position')}, {arg.pointer('token_type')}, "
-                f"{arg.pointer('out')}, tile[0], tile[1], smem);")
+        return self._call(op, tensors, arg, "cuda")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         r0, r1 = tile

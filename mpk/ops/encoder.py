@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
-from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, Tile, TilingPlan, cpp_float, expect_rank, expect_shape, register
+from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, Tile, TilingPlan, cpp_float, expect_rank, expect_shape, register, task_call
 from mpk.ops.norm import check_qkv, group_columns, head_layout
 from mpk.ops.tiling import split
 
@@ -97,11 +97,11 @@ class SegmentAttentionSpec(OpSpec):
         out_cols = tensors[op.outputs["out"]].shape[1]
         q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
         v_base = k_base + kv_heads * head_dim
-        smem = ", smem" if backend == "cuda" else ""
-        return (f"mpk::{backend}::segment_attention_task<{rows}, {row}, {head_dim}, {out_cols}>("
-                f"{arg.pointer('qkv')}, {arg.pointer('segments')}, {arg.pointer('spans')}, {arg.pointer('out')}, "
-                f"{cpp_float(op.attrs['scale'])}, tile[1], tile[2], tile[0] * {q_width}, (tile[0] + 1) * {q_width}, "
-                f"{k_base} + tile[0] * {head_dim}, {v_base} + tile[0] * {head_dim}{smem});")
+        pointers = [arg.pointer(role) for role in ("qkv", "segments", "spans", "out")]
+        columns = [f"tile[0] * {q_width}", f"(tile[0] + 1) * {q_width}", f"{k_base} + tile[0] * {head_dim}",
+                   f"{v_base} + tile[0] * {head_dim}"]
+        return task_call(backend, "segment_attention_task", [rows, row, head_dim, out_cols],
+                         [*pointers, cpp_float(op.attrs["scale"]), "tile[1]", "tile[2]", *columns])
 
     def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
         return self._call(op, tensors, arg, "cpu")
@@ -170,15 +170,16 @@ class MeanPoolSpec(OpSpec):
         element = DTYPE_BYTES[tensors[op.inputs["x"]].dtype]
         return Cost((read + b1 - b0) * hidden * element, (read + 3 * (b1 - b0)) * hidden)
 
+    def _call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
+        template = [tensors[op.inputs["x"]].shape[1], str(bool(op.attrs["normalize"])).lower()]
+        return task_call(backend, "mean_pool_task", template,
+                         [arg.pointer("x"), arg.pointer("spans"), arg.pointer("out"), "tile[0]", "tile[1]"])
+
     def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        hidden = tensors[op.inputs["x"]].shape[1]
-        return (f"mpk::cpu::mean_pool_task<{hidden}, {str(bool(op.attrs['normalize'])).lower()}>({arg.pointer('x')}, "
-                f"{arg.pointer('spans')}, {arg.pointer('out')}, tile[0], tile[1]);")
+        return self._call(op, tensors, arg, "cpu")
 
     def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        hidden = tensors[op.inputs["x"]].shape[1]
-        return (f"mpk::cuda::mean_pool_task<{hidden}, {str(bool(op.attrs['normalize'])).lower()}>({arg.pointer('x')}, "
-                f"{arg.pointer('spans')}, {arg.pointer('out')}, tile[0], tile[1], smem);")
+        return self._call(op, tensors, arg, "cuda")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         b0, b1 = tile

@@ -6,7 +6,7 @@ import torch
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import TensorSpec
-from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, Tile, TilingPlan, attr, cpp_float, expect_rank, expect_shape, register
+from mpk.ops.base import Access, Cost, KernelArgs, Op, OpSpec, Tile, TilingPlan, attr, cpp_float, expect_rank, expect_shape, register, task_call
 from mpk.ops.tiling import split
 
 
@@ -194,15 +194,16 @@ class LayerNormSpec(OpSpec):
         r0, r1 = tile
         return Cost(super().cost(op, tensors, tile).bytes, 7 * (r1 - r0) * tensors[op.inputs["x"]].shape[1])
 
+    def _call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
+        pointers = [arg.pointer(role) for role in ("x", "weight", "bias", "out")]
+        return task_call(backend, "layernorm_task", [tensors[op.inputs["x"]].shape[1]],
+                         [*pointers, cpp_float(op.attrs["eps"]), "tile[0]", "tile[1]"])
+
     def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        hidden = tensors[op.inputs["x"]].shape[1]
-        return (f"mpk::cpu::layernorm_task<{hidden}>({arg.pointer('x')}, {arg.pointer('weight')}, {arg.pointer('bias')}, "
-                f"{arg.pointer('out')}, {cpp_float(op.attrs['eps'])}, tile[0], tile[1]);")
+        return self._call(op, tensors, arg, "cpu")
 
     def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        hidden = tensors[op.inputs["x"]].shape[1]
-        return (f"mpk::cuda::layernorm_task<{hidden}>({arg.pointer('x')}, {arg.pointer('weight')}, {arg.pointer('bias')}, "
-                f"{arg.pointer('out')}, {cpp_float(op.attrs['eps'])}, tile[0], tile[1], smem);")
+        return self._call(op, tensors, arg, "cuda")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         r0, r1 = tile
