@@ -114,11 +114,17 @@ class OpSpec:
         """Return the C++ statement that runs one task of ``op`` on the CPU backend. It may use
         ``tile[i]``; shapes go in as template arguments, so they are compile-time constants.
         """
-        raise NotImplementedError
+        return self.kernel_call(op, tensors, arg, "cpu")
 
     def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: "KernelArgs") -> str:
         """Return the CUDA statement that runs one task of ``op``, executed by every thread of
         the worker CTA; ``smem`` is the CTA's shared-memory scratch.
+        """
+        return self.kernel_call(op, tensors, arg, "cuda")
+
+    def kernel_call(self, op: Op, tensors: dict[str, TensorSpec], arg: "KernelArgs", backend: str) -> str:
+        """Return the statement of cpu_call or cuda_call, for a spec whose two kernels take
+        the same arguments (``task_call`` builds it).
         """
         raise NotImplementedError
 

@@ -118,16 +118,10 @@ class EmbeddingSumSpec(OpSpec):
         # Only the looked-up rows are read, not the whole tables that accesses() declares.
         return Cost((r1 - r0) * (hidden * (table_bytes + out_bytes) + 24), 2 * (r1 - r0) * hidden)
 
-    def _call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
+    def kernel_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
         roles = ("tokens", "positions", "token_types", "word", "position", "token_type", "out")
         return task_call(backend, "embedding_sum_task", [tensors[op.outputs["out"]].shape[1]],
                          [*(arg.pointer(role) for role in roles), "tile[0]", "tile[1]"])
-
-    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        return self._call(op, tensors, arg, "cpu")
-
-    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        return self._call(op, tensors, arg, "cuda")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         r0, r1 = tile

@@ -91,7 +91,7 @@ class SegmentAttentionSpec(OpSpec):
         moved = (r1 - r0) * head_dim * element * (2 * group_heads + 2)
         return Cost(moved, 4 * (r1 - r0) * span * group_heads * head_dim)
 
-    def _call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
+    def kernel_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
         heads, kv_heads, head_dim = head_layout(op)
         rows, row = tensors[op.inputs["qkv"]].shape
         out_cols = tensors[op.outputs["out"]].shape[1]
@@ -102,12 +102,6 @@ class SegmentAttentionSpec(OpSpec):
                    f"{v_base} + tile[0] * {head_dim}"]
         return task_call(backend, "segment_attention_task", [rows, row, head_dim, out_cols],
                          [*pointers, cpp_float(op.attrs["scale"]), "tile[1]", "tile[2]", *columns])
-
-    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        return self._call(op, tensors, arg, "cpu")
-
-    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        return self._call(op, tensors, arg, "cuda")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         group, r0, r1 = tile
@@ -170,16 +164,10 @@ class MeanPoolSpec(OpSpec):
         element = DTYPE_BYTES[tensors[op.inputs["x"]].dtype]
         return Cost((read + b1 - b0) * hidden * element, (read + 3 * (b1 - b0)) * hidden)
 
-    def _call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
+    def kernel_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
         template = [tensors[op.inputs["x"]].shape[1], str(bool(op.attrs["normalize"])).lower()]
         return task_call(backend, "mean_pool_task", template,
                          [arg.pointer("x"), arg.pointer("spans"), arg.pointer("out"), "tile[0]", "tile[1]"])
-
-    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        return self._call(op, tensors, arg, "cpu")
-
-    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        return self._call(op, tensors, arg, "cuda")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         b0, b1 = tile

@@ -194,16 +194,10 @@ class LayerNormSpec(OpSpec):
         r0, r1 = tile
         return Cost(super().cost(op, tensors, tile).bytes, 7 * (r1 - r0) * tensors[op.inputs["x"]].shape[1])
 
-    def _call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
+    def kernel_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
         pointers = [arg.pointer(role) for role in ("x", "weight", "bias", "out")]
         return task_call(backend, "layernorm_task", [tensors[op.inputs["x"]].shape[1]],
                          [*pointers, cpp_float(op.attrs["eps"]), "tile[0]", "tile[1]"])
-
-    def cpu_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        return self._call(op, tensors, arg, "cpu")
-
-    def cuda_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs) -> str:
-        return self._call(op, tensors, arg, "cuda")
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         r0, r1 = tile
