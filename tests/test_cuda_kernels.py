@@ -106,6 +106,18 @@ KERNEL argmax_partial_1x151936(const float* l, float* v, int64_t* i, int part) {
 KERNEL argmax_partial_3x1001(const float* l, float* v, int64_t* i, int part) { SMEM; k::argmax_partial_task<3, 1001, 4, 256>(l, v, i, part, smem); }
 KERNEL argmax_reduce_1x37(const float* v, const int64_t* i, int64_t* o) { SMEM; k::argmax_reduce_task<1, 37>(v, i, o, smem); }
 KERNEL argmax_reduce_3x300(const float* v, const int64_t* i, int64_t* o) { SMEM; k::argmax_reduce_task<3, 300>(v, i, o, smem); }
+
+// Sentence encoders: all-MiniLM-L6-v2's shapes (hidden 384, 12 heads of 32, 1536-wide
+// MLP) for 512 packed rows, and odd ones (hidden 40, heads of 40 with a lane tail).
+KERNEL bias_gelu_512x1536(const bf16* b, bf16* o, int c0, int c1) { SMEM; k::bias_activation_task<512, 1536, k::Activation::gelu>(b, o, c0, c1); }
+KERNEL bias_7x37(const bf16* b, bf16* o, int c0, int c1) { SMEM; k::bias_activation_task<7, 37, k::Activation::none>(b, o, c0, c1); }
+KERNEL embedding_sum_384(const int64_t* t, const int64_t* p, const int64_t* y, const bf16* w, const bf16* pw, const bf16* yw, bf16* o, int r0, int r1) { SMEM; k::embedding_sum_task<384>(t, p, y, w, pw, yw, o, r0, r1, smem); }
+KERNEL layernorm_384(const bf16* x, const bf16* w, const bf16* b, bf16* o, int r0, int r1) { SMEM; k::layernorm_task<384>(x, w, b, o, 1e-12f, r0, r1, smem); }
+KERNEL layernorm_40(const bf16* x, const bf16* w, const bf16* b, bf16* o, int r0, int r1) { SMEM; k::layernorm_task<40>(x, w, b, o, 1e-12f, r0, r1, smem); }
+KERNEL segment_attention_512x1152x32(const bf16* qkv, const int64_t* s, const int64_t* sp, bf16* o, int r0, int r1, int q0, int q1, int k0, int v0) { SMEM; k::segment_attention_task<512, 1152, 32, 384>(qkv, s, sp, o, 0.17677669529663687f, r0, r1, q0, q1, k0, v0, smem); }
+KERNEL segment_attention_17x360x40(const bf16* qkv, const int64_t* s, const int64_t* sp, bf16* o, int r0, int r1, int q0, int q1, int k0, int v0) { SMEM; k::segment_attention_task<17, 360, 40, 120>(qkv, s, sp, o, 0.15811388300841897f, r0, r1, q0, q1, k0, v0, smem); }
+KERNEL mean_pool_384(const bf16* x, const int64_t* sp, float* o, int b0, int b1) { SMEM; k::mean_pool_task<384, true>(x, sp, o, b0, b1, smem); }
+KERNEL mean_pool_40_bf16(const bf16* x, const int64_t* sp, bf16* o, int b0, int b1) { SMEM; k::mean_pool_task<40, false>(x, sp, o, b0, b1, smem); }
 """
 
 HOST_SOURCE = r"""
@@ -543,6 +555,8 @@ static int run_elementwise(const std::string& function, const std::vector<float>
         for (size_t i = 0; i + 3 <= in.size(); i += 3) out.push_back(rms_normalize_element(in[i], in[i + 1], in[i + 2]));
     } else if (function == "inverse_rms") {
         for (size_t i = 0; i + 3 <= in.size(); i += 3) out.push_back(inverse_rms(in[i], static_cast<int>(in[i + 1]), in[i + 2]));
+    } else if (function == "gelu") {
+        for (float x : in) out.push_back(gelu(x));
     } else if (function == "silu_mul") {
         for (size_t i = 0; i + 2 <= in.size(); i += 2) out.push_back(silu_mul_element(in[i], in[i + 1]));
     } else if (function == "rope") {
@@ -884,6 +898,16 @@ def test_silu_mul_rounding_matches_torch(builds):
     differing = (got != expected).sum().item()
     assert differing <= 2, f"{differing} of 8192 elements differ"
     assert torch.allclose(got, expected, rtol=1e-2, atol=0)
+
+
+def test_gelu_matches_torch(builds):
+    # The exact GELU through erfc, against torch's erf formula in float64, away from the
+    # negative tail where torch's 1 + erf(x) cancels.
+    x = torch.linspace(-5.0, 8.0, 20_001)
+    got = run_host(builds, "gelu", x)
+    expected = torch.nn.functional.gelu(x.double())
+    relative = ((got.double() - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
+    assert relative < 1e-5, f"max relative error of the CUDA GELU is {relative:.3g}"
 
 
 def test_rope_rounding_matches_spec(builds):
