@@ -36,6 +36,9 @@ def add_embed_parser(commands, common: argparse.ArgumentParser) -> None:
                        help="cuda: the megakernel on the GPU (default when one is visible); cpu: the persistent kernel on CPU "
                             "threads (default otherwise); reference: torch, task by task")
     embed.add_argument("--batch-size", type=int, default=32, help="sentences per megakernel iteration (default 32)")
+    embed.add_argument("--max-length", type=int, default=None,
+                       help="tokens per sentence, [CLS] and [SEP] included; longer sentences are truncated "
+                            "(default: the model's max_seq_length, 256 for all-MiniLM-L6-v2)")
     embed.add_argument("--workers", type=int, default=None, help="worker threads (cpu) or SMs (cuda) (default: all)")
     embed.add_argument("--mode", default="static", choices=["static", "dynamic"], help="cpu backend scheduling mode (default static)")
     embed.add_argument("--trace", type=Path, default=None, help="write the last batch's per-task timeline to this Chrome/Perfetto JSON file")
@@ -78,7 +81,7 @@ def run_embed(args: argparse.Namespace) -> int:
         target = cpu_target(args.workers)
 
     embedder = Embedder(model, backend=backend, batch_size=args.batch_size, target=target, mode=args.mode,
-                        trace=args.trace is not None)
+                        trace=args.trace is not None, max_length=args.max_length)
     start = time.perf_counter()
     embeddings = embedder.embed(sentences, progress=_progress if len(sentences) > args.batch_size else None)
     elapsed = time.perf_counter() - start

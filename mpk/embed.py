@@ -9,6 +9,7 @@ graph and one executor, built on first use and kept for reuse.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -68,7 +69,10 @@ class Embedder:
 
     def __init__(self, model_dir: str | Path | None = None, *, backend: str = "cpu", batch_size: int = 32,
                  target: Target | None = None, mode: str = "static", trace: bool = False,
-                 watchdog_seconds: float = 10.0, seed: int = 0) -> None:
+                 watchdog_seconds: float = 10.0, seed: int = 0, max_length: int | None = None) -> None:
+        """``max_length`` overrides the model's max_seq_length (tokens per sentence, [CLS]
+        and [SEP] included) up to its position table.
+        """
         if backend not in BACKENDS:
             raise MpkError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
         if batch_size < 1:
@@ -76,6 +80,11 @@ class Embedder:
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg: BertConfig = load_bert_config(self.model_dir)
         self.pooling: Pooling = load_pooling(self.model_dir, self.cfg)
+        if max_length is not None:
+            if not 2 <= max_length <= self.cfg.max_positions:
+                raise ConfigError(f"max_length {max_length} is out of range: it must be at least 2 ([CLS] and [SEP]) "
+                                  f"and at most the model's max_position_embeddings, {self.cfg.max_positions}")
+            self.pooling = dataclasses.replace(self.pooling, max_seq_length=max_length)
         self.tokenizer = _load_tokenizer(self.model_dir, self.cfg)
         self.checkpoint = Checkpoint(self.model_dir)
         self.prefix = _weight_prefix(self.checkpoint)

@@ -79,6 +79,17 @@ def test_input_file_jsonl_output_and_trace(capsys, tiny_bert: Path, tmp_path: Pa
     assert events, "the trace has one event per task"
 
 
+def test_max_length_truncates_and_verifies(capsys, tiny_bert: Path) -> None:
+    long = "one two three four five six seven eight nine ten eleven twelve"
+    code, out, err = run(capsys, "embed", tiny_bert, long, "--max-length", "6", "--verify")
+    assert code == 0, err
+    truncated = np.array(json.loads(out)["embedding"])
+    reference = transformers_embeddings(tiny_bert, [long], 6)
+    assert float(cosines(truncated[None], reference)[0]) >= 0.99999
+    code, _, err = run(capsys, "embed", tiny_bert, long, "--max-length", "65")
+    assert_clean_error(code, err, "at most the model's max_position_embeddings, 64")
+
+
 def test_standard_input(capsys, monkeypatch, tiny_bert: Path) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n"))
     code, out, err = run(capsys, "embed", tiny_bert, "--input", "-", "--backend", "reference")
