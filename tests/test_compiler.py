@@ -295,9 +295,13 @@ def test_qwen3_8b_preset_compiles() -> None:
 
     tg = compile_graph(decoder_graph(cfg, 1, 4096, target), target)
 
-    # Per Qwen3 layer: 2 norms, qkv, qk_norm, rope, attention, o_proj, gate_up, silu_mul, down.
+    # Per Qwen3 decode layer: 2 norms, qkv, fused attention (q/k norm, rope, KV append,
+    # attention), o_proj, gate_up, silu_mul, down.
     layer_ops = sum(1 for op in tg.graph.ops if op.name.startswith("layers."))
-    assert layer_ops == 10 * cfg.num_layers
+    assert layer_ops == 8 * cfg.num_layers
+    kinds = {op.kind for op in tg.graph.ops}
+    assert "fused_attention" in kinds
+    assert not kinds & {"qk_norm", "rope", "attention"}
     assert "verify" in tg.stats["compile_seconds"]
 
 

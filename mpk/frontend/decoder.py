@@ -76,14 +76,19 @@ def decoder_layer(b: GraphBuilder, cfg: ModelConfig, i: int, hidden: str, positi
     qkv_names = tuple(hf_layer(i, f"self_attn.{n}_proj") for n in "qkv")
     qkv_w = b.weight(f"{p}.qkv_proj", (q + 2 * kv, cfg.hidden_size), wdt, WeightSource(qkv_names, params={"rows": [q, kv, kv]}))
     qkv = b.linear(x, qkv_w, name=f"{p}.qkv_proj", segments=[q, kv, kv], align=cfg.head_dim)
-    if cfg.qk_norm:
-        qn = b.weight(f"{p}.q_norm", (cfg.head_dim,), wdt, WeightSource((hf_layer(i, "self_attn.q_norm"),)))
-        kn = b.weight(f"{p}.k_norm", (cfg.head_dim,), wdt, WeightSource((hf_layer(i, "self_attn.k_norm"),)))
-        qkv = b.qk_norm(qkv, qn, kn, eps=cfg.rms_norm_eps, name=f"{p}.qk_norm", **heads)
     cache_shape = (max_seq_len, cfg.num_kv_heads, cfg.head_dim)
     k_cache, v_cache = b.state(f"{p}.k_cache", cache_shape), b.state(f"{p}.v_cache", cache_shape)
-    qkv = b.rope(qkv, positions, cos, sin, k_cache, v_cache, name=f"{p}.rope", **heads)
-    attn = b.attention(qkv, positions, k_cache, v_cache, name=f"{p}.attention", **heads)
+    if b.tokens == 1:
+        # Decode: q/k norm, rope, the KV append and attention as one task per KV group.
+        attn = _fused_attention(b, cfg, i, qkv, positions, cos, sin, k_cache, v_cache, heads)
+    else:
+        # Prompt chunks keep separate operators, so attention can also split by rows.
+        if cfg.qk_norm:
+            qn = b.weight(f"{p}.q_norm", (cfg.head_dim,), wdt, WeightSource((hf_layer(i, "self_attn.q_norm"),)))
+            kn = b.weight(f"{p}.k_norm", (cfg.head_dim,), wdt, WeightSource((hf_layer(i, "self_attn.k_norm"),)))
+            qkv = b.qk_norm(qkv, qn, kn, eps=cfg.rms_norm_eps, name=f"{p}.qk_norm", **heads)
+        qkv = b.rope(qkv, positions, cos, sin, k_cache, v_cache, name=f"{p}.rope", **heads)
+        attn = b.attention(qkv, positions, k_cache, v_cache, name=f"{p}.attention", **heads)
     o_w = b.weight(f"{p}.o_proj", (cfg.hidden_size, q), wdt, WeightSource((hf_layer(i, "self_attn.o_proj"),)))
     hidden = b.linear(attn, o_w, name=f"{p}.o_proj", residual=hidden, out=hidden, align=_align(cfg.hidden_size))
 
@@ -96,6 +101,17 @@ def decoder_layer(b: GraphBuilder, cfg: ModelConfig, i: int, hidden: str, positi
     act = b.silu_mul(gate_up, name=f"{p}.silu_mul", align=_align(inter))
     down_w = b.weight(f"{p}.down_proj", (cfg.hidden_size, inter), wdt, WeightSource((hf_layer(i, "mlp.down_proj"),)))
     return b.linear(act, down_w, name=f"{p}.down_proj", residual=hidden, out=hidden, align=_align(cfg.hidden_size))
+
+
+def _fused_attention(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, positions: str, cos: str, sin: str,
+                     k_cache: str, v_cache: str, heads: dict) -> str:
+    p = f"layers.{i}"
+    inputs = {"qkv": qkv, "positions": positions, "cos": cos, "sin": sin}
+    if cfg.qk_norm:
+        inputs["q_weight"] = b.weight(f"{p}.q_norm", (cfg.head_dim,), cfg.dtype, WeightSource((hf_layer(i, "self_attn.q_norm"),)))
+        inputs["k_weight"] = b.weight(f"{p}.k_norm", (cfg.head_dim,), cfg.dtype, WeightSource((hf_layer(i, "self_attn.k_norm"),)))
+    outputs = {"qkv_out": qkv, "k_cache": k_cache, "v_cache": v_cache}
+    return b.add("fused_attention", f"{p}.attention", inputs, outputs, eps=cfg.rms_norm_eps, **heads)["out"]
 
 
 def _align(columns: int) -> int:

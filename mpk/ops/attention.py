@@ -1,4 +1,5 @@
-"""Rotary embedding with the KV-cache append, and causal attention over the KV cache.
+"""Rotary embedding with the KV-cache append, causal attention over the KV cache, and the
+two fused with q/k norm into one task per KV group.
 
 Row t of an iteration is the token at ``positions[t]``; a negative position marks a
 padding row (a prompt chunk shorter than the compiled chunk), which writes nothing to
@@ -13,7 +14,7 @@ import torch
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
-from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, cpp_float, Tile, TilingPlan, expect_rank, expect_shape, register
+from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, cpp_float, Tile, TilingPlan, expect_rank, expect_shape, register, spec_of, task_call
 from mpk.ops.norm import check_qkv, group_columns, head_layout
 from mpk.ops.tiling import split
 
@@ -249,3 +250,98 @@ class AttentionSpec(OpSpec):
             values = bufs["v_cache"][: position + 1, group].to(q.dtype)
             weights = torch.softmax((q @ keys.T) * scale, dim=-1)
             out[row, q_cols[0] : q_cols[1]] = (weights @ values).reshape(-1)
+
+
+@register
+class FusedAttentionSpec(OpSpec):
+    kind = "fused_attention"
+    doc = (
+        "One task per KV group does what qk_norm (when q_weight and k_weight are bound), rope and "
+        "attention do for that group: normalize its q and k heads, rotate them, append k and v to the "
+        "KV cache and attend over it, for every row. The decode step uses it: one task and one event "
+        "per group instead of three, so a group's attention starts as soon as its qkv tile is written."
+    )
+    inputs = ("qkv", "positions", "cos", "sin")
+    optional_inputs = ("q_weight", "k_weight")
+    outputs = ("out", "qkv_out", "k_cache", "v_cache")
+    inplace = {"qkv_out": "qkv"}
+    attributes = ("num_heads", "num_kv_heads", "head_dim", "scale", "eps", "context")
+    cpu_kernel = "fused_attention_task"
+    cuda_kernel = "fused_attention_task"
+
+    def _parts(self, op: Op) -> list[tuple[OpSpec, Op]]:
+        """The operators this one fuses, bound to the same tensors, in execution order. Before
+        the builder has bound "out" (in infer), the attention part's output is unnamed.
+        """
+        heads = {key: op.attrs[key] for key in ("num_heads", "num_kv_heads", "head_dim")}
+        qkv, positions, cache = op.inputs["qkv"], op.inputs["positions"], {"k_cache": op.outputs["k_cache"], "v_cache": op.outputs["v_cache"]}
+        parts = []
+        if "q_weight" in op.inputs:
+            norm_inputs = {"qkv": qkv, "q_weight": op.inputs["q_weight"], "k_weight": op.inputs["k_weight"]}
+            parts.append((spec_of("qk_norm"), Op("qk_norm", op.name, norm_inputs, {"out": qkv}, {**heads, "eps": op.attrs["eps"]})))
+        rope_inputs = {"qkv": qkv, "positions": positions, "cos": op.inputs["cos"], "sin": op.inputs["sin"]}
+        parts.append((spec_of("rope"), Op("rope", op.name, rope_inputs, {"out": qkv, **cache}, dict(heads))))
+        attention_attrs = {**heads, "scale": op.attrs["scale"], **({"context": op.attrs["context"]} if "context" in op.attrs else {})}
+        parts.append((spec_of("attention"), Op("attention", op.name, {"qkv": qkv, "positions": positions, **cache},
+                                                     {"out": op.outputs.get("out", "")}, attention_attrs)))
+        return parts
+
+    def infer(self, op: Op, tensors: dict[str, TensorSpec]):
+        if ("q_weight" in op.inputs) != ("k_weight" in op.inputs):
+            raise GraphError(f"operator {op.name!r} (fused_attention): bind both q_weight and k_weight, or neither")
+        op.attrs.setdefault("scale", 1.0 / math.sqrt(op.attrs["head_dim"]))
+        op.attrs.setdefault("eps", 1e-6)
+        qkv = check_qkv(op, tensors)
+        for spec, part in self._parts(op):
+            inferred = spec.infer(part, tensors)
+        return {"out": inferred["out"], "qkv_out": (qkv.shape, qkv.dtype)}
+
+    def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
+        slots = min(tensors[op.outputs["k_cache"]].shape[0], tensors[op.inputs["cos"]].shape[0])
+        return {"positions": IndexBound(None, slots, "the KV cache slots and rope table rows")}
+
+    def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
+        return [(g,) for g in range(op.attrs["num_kv_heads"])]
+
+    def accesses(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> list[Access]:
+        (group,) = tile
+        rows = tensors[op.inputs["qkv"]].shape[0]
+        found = []
+        for spec, part in self._parts(op):
+            part_tile = (group, 0, rows) if part.kind == "attention" else (group,)
+            for access in spec.accesses(part, tensors, part_tile):
+                # The parts write q and k in place through their "out" role; here that is qkv_out.
+                role = "qkv_out" if access.write and access.role == "out" and part.kind != "attention" else access.role
+                found.append(Access(role, access.box, access.write))
+        # qk_norm and rope both write the q heads: list each region once.
+        return list(dict.fromkeys(found))
+
+    def cost(self, op: Op, tensors: dict[str, TensorSpec], tile: Tile) -> Cost:
+        rows = tensors[op.inputs["qkv"]].shape[0]
+        costs = [spec.cost(part, tensors, (tile[0], 0, rows) if part.kind == "attention" else tile) for spec, part in self._parts(op)]
+        return Cost(sum(c.bytes for c in costs), sum(c.flops for c in costs))
+
+    def kernel_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
+        heads, kv_heads, head_dim = head_layout(op)
+        tokens, row = tensors[op.inputs["qkv"]].shape
+        cache_len = tensors[op.outputs["k_cache"]].shape[0]
+        out_cols = tensors[op.outputs["out"]].shape[1]
+        q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
+        v_base = k_base + kv_heads * head_dim
+        norm = "q_weight" in op.inputs
+        weight_type = arg.element("q_weight") if norm else arg.element("qkv")
+        null = f"static_cast<const {weight_type}*>(nullptr)"
+        template = [tokens, row, head_dim, kv_heads, cache_len, out_cols, str(norm).lower()]
+        arguments = [arg.pointer("qkv_out"), arg.pointer("positions"), arg.pointer("cos"), arg.pointer("sin"),
+                     arg.pointer("q_weight") if norm else null, arg.pointer("k_weight") if norm else null,
+                     cpp_float(op.attrs["eps"]), arg.pointer("k_cache"), arg.pointer("v_cache"), arg.pointer("out"),
+                     cpp_float(op.attrs["scale"]), "tile[0]", f"tile[0] * {q_width}", f"(tile[0] + 1) * {q_width}",
+                     f"{k_base} + tile[0] * {head_dim}", f"{v_base} + tile[0] * {head_dim}"]
+        return task_call(backend, "fused_attention_task", template, arguments)
+
+    def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
+        rows = bufs["qkv"].shape[0]
+        for spec, part in self._parts(op):
+            roles = {**{r: bufs[r] for r in part.inputs if r in bufs}, "k_cache": bufs["k_cache"], "v_cache": bufs["v_cache"]}
+            roles["out"] = bufs["out"] if part.kind == "attention" else bufs["qkv"]
+            spec.run(part, (tile[0], 0, rows) if part.kind == "attention" else tile, roles)

@@ -143,12 +143,12 @@ def memory_floor(tg: TaskGraph, tensors: dict[str, TensorSpec], context: int, ba
         for role, name in op.inputs.items():
             spec = tensors[name]
             if spec.kind is TensorKind.WEIGHT:
-                gathered = op.kind == "embedding" or (op.kind == "rope" and role in ("cos", "sin"))
+                gathered = op.kind == "embedding" or (op.kind in ("rope", "fused_attention") and role in ("cos", "sin"))
                 row_bytes = spec.nbytes // spec.shape[0]
                 weights[name] = max(weights.get(name, 0), min(tokens, spec.shape[0]) * row_bytes if gathered else spec.nbytes)
-        if op.kind == "attention":
+        if op.kind in ("attention", "fused_attention"):
             for role in ("k_cache", "v_cache"):
-                cache = tensors[op.inputs[role]]
+                cache = tensors[op.inputs.get(role) or op.outputs[role]]
                 slots = min(context + tokens, cache.shape[0])
                 kv += slots * (cache.nbytes // cache.shape[0])
     return MemoryFloor(sum(weights.values()), kv, bandwidth)

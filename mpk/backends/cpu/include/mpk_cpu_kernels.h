@@ -435,6 +435,18 @@ void attention_task(const float* qkv, const int64_t* positions, const float* k_c
     }
 }
 
+// qk_norm_task (with QK_NORM), rope_task and attention_task for KV group `group` and every
+// row, one after the other: the decode step's fused attention. The q and k heads are
+// normalized and q rotated in place in qkv, as the separate tasks do.
+template <int T, int ROW, int HD, int NKV, int S, int OUT_COLS, bool QK_NORM, typename W>
+void fused_attention_task(float* qkv, const int64_t* positions, const float* cos, const float* sin, const W* q_weight,
+                          const W* k_weight, float eps, float* k_cache, float* v_cache, float* out, float scale, int group,
+                          int q0, int q1, int k0, int v0) {
+    if constexpr (QK_NORM) qk_norm_task<T, ROW, HD, W>(qkv, q_weight, k_weight, eps, q0, q1, k0, k0 + HD);
+    rope_task<T, ROW, HD, NKV, S>(qkv, positions, cos, sin, k_cache, v_cache, group, q0, q1, k0, v0);
+    attention_task<T, ROW, HD, NKV, S, OUT_COLS>(qkv, positions, k_cache, v_cache, out, scale, group, 0, T, q0, q1);
+}
+
 // out[t, c] = silu(gate_up[t, c]) * gate_up[t, I + c] for c in [c0, c1), t < T, with
 // silu(g) = g / (1 + exp(-g)), the formula torch's CPU silu uses. gate_up: [T, 2I];
 // out: [T, I]. On the vector paths exp is simd::exp (max relative error 7.6e-8), so the

@@ -1486,6 +1486,24 @@ __device__ void argmax_reduce_task(const float* values, const int64_t* indices, 
     }
 }
 
+// qk_norm_task (with QK_NORM), rope_task and attention_task for KV group `group` and every
+// row, one after the other in one task: the decode step's fused attention. The barriers
+// between them stand where the megakernel would put its between tasks: each kernel ends
+// without one, and the next reads what other threads wrote.
+template <int T, int ROW, int HD, int NKV, int S, int OUT_COLS, bool QK_NORM>
+__device__ void fused_attention_task(__nv_bfloat16* qkv, const int64_t* positions, const float* cos, const float* sin,
+                                     const __nv_bfloat16* q_weight, const __nv_bfloat16* k_weight, float eps,
+                                     __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, __nv_bfloat16* out, float scale,
+                                     int group, int q0, int q1, int k0, int v0, char* smem) {
+    if constexpr (QK_NORM) {
+        qk_norm_task<T, ROW, HD>(qkv, q_weight, k_weight, eps, q0, q1, k0, k0 + HD, smem);
+        __syncthreads();
+    }
+    rope_task<T, ROW, HD, NKV, S>(qkv, positions, cos, sin, k_cache, v_cache, group, q0, q1, k0, v0, smem);
+    __syncthreads();
+    attention_task<T, ROW, HD, NKV, S, OUT_COLS>(qkv, positions, k_cache, v_cache, out, scale, group, 0, T, q0, q1, smem);
+}
+
 // ---------------------------------------------------------------------------------
 // Sentence encoders (BERT): linear epilogue, embedding sum, LayerNorm, attention within
 // packed sentences, mean pooling. These kernels are simple (one element or one warp per
