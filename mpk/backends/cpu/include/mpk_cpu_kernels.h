@@ -263,6 +263,85 @@ inline Vec gelu(Vec x) {
     return simd::select(simd::greater(zero, x), half_x_erfc, x - half_x_erfc);
 }
 
+// Attention of up to kWidth query rows over the same key and value rows, with the
+// queries in the vector lanes: the encoder's case, where every row of a sentence attends
+// to the same keys (the decode kernel above has one query row per position instead).
+// A score is then HD fused multiply-adds of a query-transposed vector by a broadcast key
+// element, and the output accumulates transposed too (acc[d] holds dimension d of every
+// query) from broadcast value elements, so neither step needs a horizontal sum. q rows
+// are qstride floats apart, keys and values kSlotStride apart, and out rows get HD
+// floats each, ostride apart. The softmax is online over blocks of kKeyBlock keys, as in
+// attend_heads.
+inline constexpr int kKeyBlock = 8;
+inline constexpr int kValueColumns = 8;  // output dimensions kept in registers per pass over a key block
+
+template <int HD, std::ptrdiff_t kSlotStride>
+inline void attend_query_block(const float* q, std::ptrdiff_t qstride, int queries, const float* keys,
+                               const float* values, int length, float scale, float* out, std::ptrdiff_t ostride) {
+    alignas(64) float transposed[HD][kWidth];
+    alignas(64) float acc[HD][kWidth];
+    alignas(64) float probabilities[kKeyBlock][kWidth];
+    alignas(64) float lanes[kWidth];
+    for (int d = 0; d < HD; ++d) {
+        for (int i = 0; i < kWidth; ++i) transposed[d][i] = i < queries ? q[i * qstride + d] * scale : 0.0f;
+        simd::store(acc[d], simd::zero());
+    }
+    Vec running_max = simd::broadcast(-std::numeric_limits<float>::infinity());
+    Vec running_sum = simd::zero();
+
+    for (int j0 = 0; j0 < length; j0 += kKeyBlock) {
+        const int count = std::min(kKeyBlock, length - j0);
+        Vec scores[kKeyBlock];
+#pragma GCC unroll 8
+        for (int j = 0; j < kKeyBlock; ++j) scores[j] = simd::zero();
+        for (int d = 0; d < HD; ++d) {
+            const Vec column = simd::load(transposed[d]);
+#pragma GCC unroll 8
+            for (int j = 0; j < kKeyBlock; ++j) {
+                if (j < count) scores[j] = simd::fmadd(column, simd::broadcast(keys[(j0 + j) * kSlotStride + d]), scores[j]);
+            }
+        }
+        Vec block_max = scores[0];
+        for (int j = 1; j < count; ++j) block_max = simd::max(block_max, scores[j]);
+        const Vec new_max = simd::max(running_max, block_max);
+        // exp(-inf) = 0 on the first block, when acc and the sum are still zero.
+        const Vec correction = simd::exp(running_max - new_max);
+        running_max = new_max;
+        Vec block_sum = simd::zero();
+        for (int j = 0; j < count; ++j) {
+            const Vec p = simd::exp(scores[j] - new_max);
+            block_sum = block_sum + p;
+            simd::store(probabilities[j], p);
+        }
+        running_sum = running_sum * correction + block_sum;
+
+        for (int d0 = 0; d0 < HD; d0 += kValueColumns) {
+            Vec columns[kValueColumns];
+#pragma GCC unroll 8
+            for (int c = 0; c < kValueColumns; ++c) {
+                if (d0 + c < HD) columns[c] = simd::load(acc[d0 + c]) * correction;
+            }
+            for (int j = 0; j < count; ++j) {
+                const Vec p = simd::load(probabilities[j]);
+                const float* value = values + (j0 + j) * kSlotStride + d0;
+#pragma GCC unroll 8
+                for (int c = 0; c < kValueColumns; ++c) {
+                    if (d0 + c < HD) columns[c] = simd::fmadd(p, simd::broadcast(value[c]), columns[c]);
+                }
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < kValueColumns; ++c) {
+                if (d0 + c < HD) simd::store(acc[d0 + c], columns[c]);
+            }
+        }
+    }
+
+    simd::store(lanes, running_sum);
+    for (int i = 0; i < queries; ++i) {
+        for (int d = 0; d < HD; ++d) out[i * ostride + d] = acc[d][i] / lanes[i];
+    }
+}
+
 // Updates (best, best_index) with x[begin..end) under torch.argmax's order: NaN ranks
 // above every number (the first NaN wins), and ties keep the lowest index.
 inline void argmax_scalar(const float* x, int begin, int end, float& best, int& best_index) {
@@ -676,14 +755,11 @@ void layernorm_task(const float* x, const W* weight, const W* bias, float* out, 
 // the k head at column k0 and the v head at column v0 of rows spans[s][0] ..
 // spans[s][1] - 1; out[r, head columns] = softmax(q . k * scale) @ v, out: [ROWS, OUT_COLS].
 // Rows with a negative segment, or an empty span, get zeros. Consecutive rows of one
-// sentence go through attend_heads together (up to kHeadBlock at a time), so each key
-// and value row is read once per block of queries.
+// sentence go through attend_query_block together, up to one vector of rows at a time.
 template <int ROWS, int ROW, int HD, int OUT_COLS>
 void segment_attention_task(const float* qkv, const int64_t* segments, const int64_t* spans, float* out, float scale,
                             int r0, int r1, int q0, int q1, int k0, int v0) {
-    constexpr int kBlock = detail::kHeadBlock;
-    alignas(64) float queries[kBlock * HD];
-    alignas(64) float results[kBlock * HD];
+    constexpr int kBlock = detail::kWidth;
     for (int h = q0; h < q1; h += HD) {
         int r = r0;
         while (r < r1) {
@@ -692,15 +768,14 @@ void segment_attention_task(const float* qkv, const int64_t* segments, const int
             const int64_t end = s < 0 ? 0 : spans[2 * s + 1];
             int count = 1;
             while (count < kBlock && r + count < r1 && segments[r + count] == s) ++count;
+            float* out_rows = out + static_cast<std::ptrdiff_t>(r) * OUT_COLS + h;
             if (end <= start) {
-                for (int i = 0; i < count; ++i) std::fill_n(out + static_cast<std::ptrdiff_t>(r + i) * OUT_COLS + h, HD, 0.0f);
-                r += count;
-                continue;
+                for (int i = 0; i < count; ++i) std::fill_n(out_rows + static_cast<std::ptrdiff_t>(i) * OUT_COLS, HD, 0.0f);
+            } else {
+                const float* base = qkv + start * ROW;
+                detail::attend_query_block<HD, ROW>(qkv + static_cast<std::ptrdiff_t>(r) * ROW + h, ROW, count, base + k0,
+                                                    base + v0, static_cast<int>(end - start), scale, out_rows, OUT_COLS);
             }
-            for (int i = 0; i < count; ++i) std::memcpy(queries + i * HD, qkv + static_cast<std::ptrdiff_t>(r + i) * ROW + h, sizeof(float) * HD);
-            const float* base = qkv + start * ROW;
-            detail::attend_heads<HD, ROW>(queries, count, base + k0, base + v0, static_cast<int>(end - start), scale, results);
-            for (int i = 0; i < count; ++i) std::memcpy(out + static_cast<std::ptrdiff_t>(r + i) * OUT_COLS + h, results + i * HD, sizeof(float) * HD);
             r += count;
         }
     }
