@@ -384,7 +384,8 @@ class Runtime {
   }
 
   // Futex word: the low 32 bits of BEGIN's counter, which change at every iteration
-  // (x86-64 and AArch64 Linux are little-endian).
+  // (x86-64 and AArch64 Linux are little-endian). Only the kernel reads it through this
+  // pointer; the runtime itself loads the whole 64-bit counter.
   uint32_t* begin_word() { return reinterpret_cast<uint32_t*>(&counters_[kBeginEvent].value); }
 
   // Blocks until BEGIN's low word differs from `seen` (the host began an iteration) or the
@@ -393,7 +394,8 @@ class Runtime {
   // every caller re-checks its condition.
   void park(uint32_t seen) {
     parked_.fetch_add(1, std::memory_order_seq_cst);
-    if (__atomic_load_n(begin_word(), __ATOMIC_SEQ_CST) == seen && !stop_.load(std::memory_order_seq_cst)) {
+    const uint64_t begun = __atomic_load_n(&counters_[kBeginEvent].value, __ATOMIC_SEQ_CST);
+    if (static_cast<uint32_t>(begun) == seen && !stop_.load(std::memory_order_seq_cst)) {
       syscall(SYS_futex, begin_word(), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
     }
     parked_.fetch_sub(1, std::memory_order_seq_cst);
