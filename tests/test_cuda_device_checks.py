@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mpk.backends.cuda.executor import SMEM_BYTES, CudaDeviceError, check_device
+from mpk.backends.cuda.executor import SMEM_BYTES, CudaDeviceError, check_device, wait_for_stream
+from mpk.errors import RuntimeStallError
 
 
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, *, major: int = 9, minor: int = 0, sms: int = 132,
@@ -77,3 +78,48 @@ def test_cli_reports_missing_device(qwen3_dir, capsys: pytest.CaptureFixture, mo
 
     assert code == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+class FakeStream:
+    """A CUDA stream whose work finishes after ``busy_polls`` queries, or never."""
+
+    def __init__(self, busy_polls: int | None) -> None:
+        self.busy_polls = busy_polls
+        self.queries = 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.busy_polls is not None and self.queries > self.busy_polls
+
+
+class FakeClock:
+    """Time that advances 10 ms per reading (a poll), and by the sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.01
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.slept += seconds
+
+
+def test_stream_wait_returns_when_done() -> None:
+    clock = FakeClock()
+    stream = FakeStream(busy_polls=3)
+    wait_for_stream(stream, 1.0, clock=clock, sleep=clock.sleep)
+    assert stream.queries == 4
+    assert clock.slept == 0.0, "a short wait spins and never sleeps"
+
+
+def test_stream_wait_reports_stuck_task() -> None:
+    clock = FakeClock()
+    stream = FakeStream(busy_polls=None)
+    with pytest.raises(RuntimeStallError, match="a task itself is stuck"):
+        wait_for_stream(stream, 2.0, clock=clock, sleep=clock.sleep)
+    assert clock.now > 2.0
+    assert clock.slept > 0.0, "a long wait sleeps between polls"

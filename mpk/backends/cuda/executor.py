@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 
 import numpy as np
 import torch
@@ -72,6 +73,29 @@ def cuda_target(device: int = 0) -> Target:
     return Target(**{**base.to_dict(), "name": props.name, "workers": props.multi_processor_count})
 
 
+# The host busy-polls this long, so that a short iteration's end waits on no sleep (the
+# simulator predicts about a millisecond per decode step). Then it polls every millisecond.
+SPIN_SECONDS = 0.05
+
+
+def wait_for_stream(stream, timeout_seconds: float, clock=time.monotonic, sleep=time.sleep) -> None:
+    """Wait until ``stream`` has finished its work, or raise RuntimeStallError after
+    ``timeout_seconds``. The device watchdog stops workers that wait on an event too long.
+    This bound catches what it cannot see, a task that never returns, so that the host
+    reports it instead of blocking forever in a synchronize.
+    """
+    start = clock()
+    while not stream.query():
+        elapsed = clock() - start
+        if elapsed > timeout_seconds:
+            raise RuntimeStallError(
+                f"the megakernel has not finished after {elapsed:.0f} s, although its device watchdog stops any wait on "
+                f"an event long before that: a task itself is stuck. The GPU is still running it; exit this process to "
+                f"free the device, and report the model and the command")
+        if elapsed > SPIN_SECONDS:
+            sleep(0.001)
+
+
 class CudaExecutor:
     def __init__(self, tg: TaskGraph, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor], *,
                  trace: bool = False, watchdog_seconds: float = 10.0) -> None:
@@ -90,6 +114,7 @@ class CudaExecutor:
         self.trace: list[tuple[int, int, int, int]] = []
         self.outputs = {s.name: self.buffers[s.name] for s in tg.placement.buffers.values() if s.kind is TensorKind.OUTPUT}
         self.bounds = index_bounds(tg)
+        self.watchdog_seconds = watchdog_seconds
 
     def _check_residency(self, props) -> None:
         per_sm = ctypes.c_int32(0)
@@ -151,7 +176,7 @@ class CudaExecutor:
                                               self.iteration, ctypes.c_void_p(stream))
         if status != 0:
             raise MpkError(f"the megakernel launch failed: {self.library.mpk_cuda_error_string(status).decode()}")
-        torch.cuda.current_stream().synchronize()
+        wait_for_stream(torch.cuda.current_stream(), 3 * self.watchdog_seconds)
         if self._tables["trace"] is not None:
             times = self._tables["trace"].view(-1, 2).cpu().tolist()
             self.trace = [(t, self.tg.worker[t], begin, end) for t, (begin, end) in enumerate(times)]
