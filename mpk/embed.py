@@ -32,6 +32,9 @@ from mpk.target import Target, cpu_target
 log = logging.getLogger("mpk.embed")
 
 BACKENDS = ("cpu", "cuda", "reference")
+# Token rows per batch at most, whatever the batch size: all-MiniLM-L6-v2's activations
+# take about 14 KB per row, so a batch's buffers stay under about 230 MB.
+MAX_BATCH_ROWS = 16384
 # Executors kept alive at once. Each one keeps its activations and, on the CPU, its threads.
 MAX_EXECUTORS = 8
 
@@ -117,14 +120,19 @@ class Embedder:
         return [list(ids) for ids in encoded["input_ids"]]
 
     def plan(self, lengths: list[int]) -> list[Batch]:
-        """Split sentences, in order, into batches of at most batch_size sentences."""
+        """Split sentences, in order, into batches of at most batch_size sentences and
+        MAX_BATCH_ROWS token rows.
+        """
         slots = min(self.batch_size, 1 << (len(lengths) - 1).bit_length()) if lengths else 1
-        batches = []
-        for start in range(0, len(lengths), self.batch_size):
-            indices = list(range(start, min(start + self.batch_size, len(lengths))))
-            rows = row_bucket(max(sum(lengths[i] for i in indices), slots))
-            batches.append(Batch(indices, rows, slots))
-        return batches
+        groups: list[list[int]] = [[]]
+        rows = 0
+        for index, length in enumerate(lengths):
+            if groups[-1] and (len(groups[-1]) == self.batch_size or rows + length > MAX_BATCH_ROWS):
+                groups.append([])
+                rows = 0
+            groups[-1].append(index)
+            rows += length
+        return [Batch(group, row_bucket(max(sum(lengths[i] for i in group), slots)), slots) for group in groups if group]
 
     def pack(self, ids: list[list[int]], batch: Batch) -> dict[str, torch.Tensor]:
         """Build the graph inputs of one batch: sentences back to back, then padding rows."""

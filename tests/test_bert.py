@@ -100,6 +100,15 @@ def test_packing_puts_sentences_back_to_back(tiny_bert: Path) -> None:
     assert batches[1].rows == row_bucket(ends[2]) and batches[1].rows % 16 == 0
 
 
+def test_batches_are_capped_in_rows(monkeypatch, tiny_bert: Path) -> None:
+    monkeypatch.setattr("mpk.embed.MAX_BATCH_ROWS", 40)
+    embedder = Embedder(tiny_bert, backend="reference", batch_size=100)
+    batches = embedder.plan([10, 20, 15, 30, 50, 5])
+    # A sentence longer than the cap still gets a batch of its own.
+    assert [b.indices for b in batches] == [[0, 1], [2], [3], [4], [5]]
+    assert all(b.rows >= sum([10, 20, 15, 30, 50, 5][i] for i in b.indices) for b in batches)
+
+
 def test_row_buckets() -> None:
     assert [row_bucket(n) for n in (1, 16, 17, 128, 129, 300, 1024, 1025)] == [16, 16, 32, 128, 144, 320, 1024, 1152]
     for rows in range(1, 5000):
