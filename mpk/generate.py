@@ -75,9 +75,10 @@ class Session:
     def __init__(self, model_dir: str | Path | None, *, max_seq_len: int, chunk: int = 16, backend: str = "cpu",
                  target: Target | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, mode: str = "static",
                  trace: bool = False, watchdog_seconds: float = 10.0, max_delay_ns: int = 0, sanitize: str | None = None,
-                 cfg: ModelConfig | None = None, checkpoint=None) -> None:
+                 cfg: ModelConfig | None = None, checkpoint=None, attention_splits: int | None = None) -> None:
         """Compile a checkpoint directory, or (with ``model_dir=None``) a ``cfg`` whose weights
         come from ``checkpoint``, any object with Checkpoint's ``load(name, shape, dtype)``.
+        ``attention_splits`` overrides the target's choice of decode attention chunks.
         """
         if backend not in BACKENDS:
             raise MpkError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
@@ -93,7 +94,8 @@ class Session:
         self.chunk = max(1, min(chunk, max_seq_len))
         self.graphs: dict[int, TaskGraph] = {}
         for tokens in sorted({1, self.chunk}):
-            self.graphs[tokens] = compile_graph(decoder_graph(self.cfg, tokens, max_seq_len, self.target), self.target)
+            graph = decoder_graph(self.cfg, tokens, max_seq_len, self.target, attention_splits)
+            self.graphs[tokens] = compile_graph(graph, self.target)
         checkpoint = checkpoint or Checkpoint(model_dir)
         weight_dtype = torch.bfloat16 if backend == "cuda" else torch.float32
         weights = load_weights(self.graphs[1].graph, checkpoint, weight_dtype, keep_bf16=backend == "cpu")

@@ -305,6 +305,21 @@ def test_qwen3_8b_preset_compiles() -> None:
     assert "verify" in tg.stats["compile_seconds"]
 
 
+def test_decode_attention_splits_follow_the_target() -> None:
+    from mpk.frontend.decoder import decode_attention_splits
+
+    cfg = get_preset("qwen3-0.6b")  # 8 KV heads
+    assert decode_attention_splits(cfg, 4096, make_target("h100")) == 8   # 4096 slots in chunks of 512
+    assert decode_attention_splits(cfg, 40960, make_target("h100")) == 16  # one task per SM: 132 // 8
+    assert decode_attention_splits(cfg, 512, make_target("h100")) == 1
+    assert decode_attention_splits(cfg, 40960, make_target("cpu")) == 1
+
+    target = make_target("h100")
+    tg = compile_graph(decoder_graph(cfg, 1, 4096, target), target)  # verified on compile
+    split_tasks = [t for t in range(tg.num_tasks) if tg.op[t] >= 0 and tg.graph.ops[tg.op[t]].kind == "split_attention"]
+    assert len(split_tasks) == cfg.num_layers * 8 * 8
+
+
 # --- a graph built by hand --------------------------------------------------------------
 
 VOCAB, HIDDEN, INTER, TOKENS, EPS = 40, 24, 20, 3, 1e-6

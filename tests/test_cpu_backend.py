@@ -63,6 +63,25 @@ def test_tokens_match_transformers(model, workers: int, mode: str) -> None:
     assert worst_step_error(result.logits, reference.logits) < 1e-4
 
 
+@pytest.mark.parametrize("mode, splits", [("static", 3), ("dynamic", 3), ("static", 64)])
+def test_split_decode_attention_matches_transformers(model, mode: str, splits: int) -> None:
+    # Decode attention over 3 chunks of the 64-slot cache (22, 22 and 20 slots), whose
+    # boundaries the prompt and the new tokens cross, and over 64 chunks of one slot.
+    path, reference = model
+    cfg = load_config(path)
+    session = Session(path, max_seq_len=cache_length(cfg, len(PROMPT) + NEW_TOKENS, None), chunk=4, backend="cpu",
+                      target=cpu_target(2), mode=mode, attention_splits=splits)
+    try:
+        result = session.generate(PROMPT, NEW_TOKENS)
+        kinds = {op.kind for op in session.graphs[1].graph.ops}
+    finally:
+        session.close()
+
+    assert {"split_attention", "attention_combine"} <= kinds
+    assert result.tokens == reference.tokens
+    assert worst_step_error(result.logits, reference.logits) < 1e-4
+
+
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_random_delays_keep_tokens(model, mode: str) -> None:
     # Up to 20 us before every task reshuffles which worker finishes first.

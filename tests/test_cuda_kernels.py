@@ -96,6 +96,12 @@ KERNEL attention_2x4096x256(const bf16* qkv, const int64_t* p, const bf16* kc, c
 KERNEL attention_5x768x96(const bf16* qkv, const int64_t* p, const bf16* kc, const bf16* vc, bf16* o, int g, int r0, int r1, int q0, int q1) { SMEM; k::attention_task<5, 768, 96, 2, 37, 384>(qkv, p, kc, vc, o, 0.1f, g, r0, r1, q0, q1, smem); }
 KERNEL attention_3x24x6(const bf16* qkv, const int64_t* p, const bf16* kc, const bf16* vc, bf16* o, int g, int r0, int r1, int q0, int q1) { SMEM; k::attention_task<3, 24, 6, 1, 9, 12>(qkv, p, kc, vc, o, 0.4f, g, r0, r1, q0, q1, smem); }
 
+// Split decode attention: Qwen3-0.6B over 8 chunks of a 4096-slot cache (q/k norm), and
+// head_dim 6 with 2 q heads per group over 3 chunks of 9 slots, no norm, 2 rows.
+KERNEL split_attention_1x4096x128(const bf16* qkv, const int64_t* p, const float* c, const float* s, const bf16* qw, const bf16* kw, bf16* kc, bf16* vc, float* part, int g, int ch, int q0, int q1, int k0, int v0) { SMEM; k::split_attention_task<1, 4096, 128, 8, 4096, 8, 16, true>(qkv, p, c, s, qw, kw, 1e-6f, kc, vc, part, 0.08838834764831845f, g, ch, q0, q1, k0, v0, smem); }
+KERNEL split_attention_2x24x6(const bf16* qkv, const int64_t* p, const float* c, const float* s, bf16* kc, bf16* vc, float* part, int g, int ch, int q0, int q1, int k0, int v0) { SMEM; k::split_attention_task<2, 24, 6, 1, 9, 3, 2, false>(qkv, p, c, s, nullptr, nullptr, 1e-6f, kc, vc, part, 0.4f, g, ch, q0, q1, k0, v0, smem); }
+KERNEL attention_combine_1x8x16x128(const float* part, bf16* o, int h0, int h1) { SMEM; k::attention_combine_task<1, 8, 16, 128>(part, o, h0, h1, smem); }
+
 // SwiGLU: vector body, columns that are not a multiple of 8, and a tail of T.
 KERNEL silu_mul_1x3072(const bf16* gu, bf16* o, int c0, int c1) { SMEM; k::silu_mul_task<1, 3072>(gu, o, c0, c1, smem); }
 KERNEL silu_mul_3x1000(const bf16* gu, bf16* o, int c0, int c1) { SMEM; k::silu_mul_task<3, 1000>(gu, o, c0, c1, smem); }

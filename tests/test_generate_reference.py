@@ -74,6 +74,18 @@ def test_greedy_matches_transformers(model: Model, workers: int, seed: int, chun
     assert worst_step_error(result.logits, model.reference.logits) < LOGITS_TOLERANCE
 
 
+@pytest.mark.parametrize("splits", [2, 5])
+def test_split_decode_attention_matches_transformers(model: Model, splits: int) -> None:
+    cfg = load_config(model.path)
+    max_seq_len = cache_length(cfg, len(PROMPT) + NEW_TOKENS, None)
+    session = Session(model.path, max_seq_len=max_seq_len, chunk=4, target=cpu_target(7), seed=3, backend="reference",
+                      attention_splits=splits)
+    result = session.generate(PROMPT, NEW_TOKENS)
+
+    assert result.tokens == model.reference.tokens
+    assert worst_step_error(result.logits, model.reference.logits) < LOGITS_TOLERANCE
+
+
 def test_remainder_tiles_match_transformers(model: Model) -> None:
     target = dataclasses.replace(cpu_target(7), min_columns=1)
     session = make_session(model.path, target, seed=5, chunk=4)

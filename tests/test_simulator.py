@@ -355,6 +355,23 @@ def test_memory_floor_counts_weights_and_kv() -> None:
     assert floor.seconds == pytest.approx(floor.total_bytes / 3350e9)
 
 
+def test_memory_floor_of_split_decode_attention() -> None:
+    # The fused and the split decode attention read the same cache slots and rope rows.
+    cfg = reduced("qwen3-0.6b")
+    context = 300
+    target = gpu_target("h100")
+    floors = {}
+    for splits in (1, 4):
+        tg = compile_graph(decoder_graph(cfg, 1, 1024, target, attention_splits=splits), target)
+        kinds = {op.kind for op in tg.graph.ops}
+        assert ("split_attention" in kinds) == (splits > 1)
+        floors[splits] = memory_floor(tg, device_tensors(tg), context, target.memory_bandwidth)
+
+    assert floors[4].kv_bytes == cfg.num_layers * 2 * (context + 1) * cfg.num_kv_heads * cfg.head_dim * 2
+    assert floors[4].kv_bytes == floors[1].kv_bytes
+    assert floors[4].weight_bytes == floors[1].weight_bytes
+
+
 def test_attention_cost_follows_context() -> None:
     spec = spec_of("attention")
     tensors = {

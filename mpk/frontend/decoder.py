@@ -18,16 +18,22 @@ from mpk.target import Target
 # Columns per argmax_partial task: large enough that the partial maxima stay few
 # (37 for a 151,936-token vocabulary), small enough to spread over many workers.
 ARGMAX_CHUNK = 4096
+# Fewest KV cache slots per chunk of split decode attention: a shorter chunk's task would
+# cost more in overhead than it reads.
+MIN_SPLIT_SLOTS = 512
 
 
 def hf_layer(i: int, name: str) -> str:
     return f"model.layers.{i}.{name}.weight"
 
 
-def decoder_graph(cfg: ModelConfig, tokens: int, max_seq_len: int, target: Target | None = None) -> OpGraph:
+def decoder_graph(cfg: ModelConfig, tokens: int, max_seq_len: int, target: Target | None = None,
+                  attention_splits: int | None = None) -> OpGraph:
     """Build the graph of one iteration that processes ``tokens`` rows with a KV cache of
     ``max_seq_len`` slots per layer. With a ``target``, the argmax chunks line up with the
     lm_head tiles it will get, so each argmax task waits for exactly one lm_head tile.
+    ``attention_splits`` (decode only) splits attention over that many chunks of the
+    cache; by default ``decode_attention_splits`` picks it from the target.
     """
     if max_seq_len > cfg.max_positions:
         raise ConfigError(
@@ -46,8 +52,11 @@ def decoder_graph(cfg: ModelConfig, tokens: int, max_seq_len: int, target: Targe
 
     embed = b.weight("embed_tokens", (cfg.vocab_size, cfg.hidden_size), wdt, WeightSource(("model.embed_tokens.weight",)))
     hidden = b.embedding(tok, embed, name="embedding")
+    splits = 1
+    if tokens == 1:
+        splits = attention_splits if attention_splits is not None else decode_attention_splits(cfg, max_seq_len, target)
     for i in range(cfg.num_layers):
-        hidden = decoder_layer(b, cfg, i, hidden, positions, cos, sin, max_seq_len)
+        hidden = decoder_layer(b, cfg, i, hidden, positions, cos, sin, max_seq_len, splits)
 
     final_norm = b.weight("norm", (cfg.hidden_size,), wdt, WeightSource(("model.norm.weight",)))
     normed = b.rmsnorm(hidden, final_norm, cfg.rms_norm_eps, name="final_norm")
@@ -63,7 +72,18 @@ def decoder_graph(cfg: ModelConfig, tokens: int, max_seq_len: int, target: Targe
     return b.build(meta={"model": cfg.to_dict(), "max_seq_len": max_seq_len})
 
 
-def decoder_layer(b: GraphBuilder, cfg: ModelConfig, i: int, hidden: str, positions: str, cos: str, sin: str, max_seq_len: int) -> str:
+def decode_attention_splits(cfg: ModelConfig, max_seq_len: int, target: Target | None) -> int:
+    """Chunks of the KV cache that decode attention splits over: enough that every SM has
+    a task (one per KV group and chunk), with chunks of at least MIN_SPLIT_SLOTS slots.
+    CPU targets, with a few workers for the KV groups, do not split.
+    """
+    if target is None or target.kind == "cpu":
+        return 1
+    return max(1, min(target.workers // cfg.num_kv_heads, max_seq_len // MIN_SPLIT_SLOTS))
+
+
+def decoder_layer(b: GraphBuilder, cfg: ModelConfig, i: int, hidden: str, positions: str, cos: str, sin: str, max_seq_len: int,
+                  attention_splits: int = 1) -> str:
     """Append one decoder layer; returns the residual stream tensor (updated in place)."""
     wdt = cfg.dtype
     heads = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim}
@@ -78,7 +98,10 @@ def decoder_layer(b: GraphBuilder, cfg: ModelConfig, i: int, hidden: str, positi
     qkv = b.linear(x, qkv_w, name=f"{p}.qkv_proj", segments=[q, kv, kv], align=cfg.head_dim)
     cache_shape = (max_seq_len, cfg.num_kv_heads, cfg.head_dim)
     k_cache, v_cache = b.state(f"{p}.k_cache", cache_shape), b.state(f"{p}.v_cache", cache_shape)
-    if b.tokens == 1:
+    if b.tokens == 1 and attention_splits > 1:
+        # Decode over a long cache on many SMs: per KV group and cache chunk, then merged.
+        attn = _split_attention(b, cfg, i, qkv, positions, cos, sin, k_cache, v_cache, heads, attention_splits)
+    elif b.tokens == 1:
         # Decode: q/k norm, rope, the KV append and attention as one task per KV group.
         attn = _fused_attention(b, cfg, i, qkv, positions, cos, sin, k_cache, v_cache, heads)
     else:
@@ -103,15 +126,29 @@ def decoder_layer(b: GraphBuilder, cfg: ModelConfig, i: int, hidden: str, positi
     return b.linear(act, down_w, name=f"{p}.down_proj", residual=hidden, out=hidden, align=_align(cfg.hidden_size))
 
 
-def _fused_attention(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, positions: str, cos: str, sin: str,
-                     k_cache: str, v_cache: str, heads: dict) -> str:
+def _attention_inputs(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, positions: str, cos: str, sin: str) -> dict:
     p = f"layers.{i}"
     inputs = {"qkv": qkv, "positions": positions, "cos": cos, "sin": sin}
     if cfg.qk_norm:
         inputs["q_weight"] = b.weight(f"{p}.q_norm", (cfg.head_dim,), cfg.dtype, WeightSource((hf_layer(i, "self_attn.q_norm"),)))
         inputs["k_weight"] = b.weight(f"{p}.k_norm", (cfg.head_dim,), cfg.dtype, WeightSource((hf_layer(i, "self_attn.k_norm"),)))
+    return inputs
+
+
+def _fused_attention(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, positions: str, cos: str, sin: str,
+                     k_cache: str, v_cache: str, heads: dict) -> str:
+    inputs = _attention_inputs(b, cfg, i, qkv, positions, cos, sin)
     outputs = {"qkv_out": qkv, "k_cache": k_cache, "v_cache": v_cache}
-    return b.add("fused_attention", f"{p}.attention", inputs, outputs, eps=cfg.rms_norm_eps, **heads)["out"]
+    return b.add("fused_attention", f"layers.{i}.attention", inputs, outputs, eps=cfg.rms_norm_eps, **heads)["out"]
+
+
+def _split_attention(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, positions: str, cos: str, sin: str,
+                     k_cache: str, v_cache: str, heads: dict, chunks: int) -> str:
+    inputs = _attention_inputs(b, cfg, i, qkv, positions, cos, sin)
+    outputs = {"k_cache": k_cache, "v_cache": v_cache}
+    partials = b.add("split_attention", f"layers.{i}.attention", inputs, outputs, eps=cfg.rms_norm_eps, chunks=chunks,
+                     **heads)["partials"]
+    return b.add("attention_combine", f"layers.{i}.attention_combine", {"partials": partials}, **heads)["out"]
 
 
 def _align(columns: int) -> int:

@@ -131,6 +131,12 @@ class MemoryFloor:
         return self.total_bytes / self.bandwidth
 
 
+# Operators that read one row of the rope tables per token, and operators that read the
+# KV cache.
+ROTARY_KINDS = ("rope", "fused_attention", "split_attention")
+CACHE_READING_KINDS = ("attention", "fused_attention", "split_attention")
+
+
 def memory_floor(tg: TaskGraph, tensors: dict[str, TensorSpec], context: int, bandwidth: float) -> MemoryFloor:
     """Count every weight once, except that an embedding and the rope tables are read one
     row per token, plus the KV slots attention reads: ``context`` filled slots and the
@@ -143,10 +149,10 @@ def memory_floor(tg: TaskGraph, tensors: dict[str, TensorSpec], context: int, ba
         for role, name in op.inputs.items():
             spec = tensors[name]
             if spec.kind is TensorKind.WEIGHT:
-                gathered = op.kind == "embedding" or (op.kind in ("rope", "fused_attention") and role in ("cos", "sin"))
+                gathered = op.kind == "embedding" or (op.kind in ROTARY_KINDS and role in ("cos", "sin"))
                 row_bytes = spec.nbytes // spec.shape[0]
                 weights[name] = max(weights.get(name, 0), min(tokens, spec.shape[0]) * row_bytes if gathered else spec.nbytes)
-        if op.kind in ("attention", "fused_attention"):
+        if op.kind in CACHE_READING_KINDS:
             for role in ("k_cache", "v_cache"):
                 cache = tensors[op.inputs.get(role) or op.outputs[role]]
                 slots = min(context + tokens, cache.shape[0])

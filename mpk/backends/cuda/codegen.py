@@ -23,6 +23,8 @@ def buffer_dtypes(tg: TaskGraph) -> dict[str, str]:
             full_precision |= {op.inputs["logits"], op.outputs["values"]}
         elif op.kind == "mean_pool":
             full_precision.add(op.outputs["out"])
+        elif op.kind == "split_attention":
+            full_precision.add(op.outputs["partials"])
     full_precision = {tg.placement.home[name] for name in full_precision}
     dtypes = {}
     for name, spec in tg.placement.buffers.items():

@@ -53,6 +53,9 @@ def compile_all() -> dict[str, dict[str, dict[str, int]]]:
     for name, cfg in test_model_configs().items():
         for tokens in (1, 16):
             sources[f"{name}-t{tokens}"] = generate_source(compile_graph(decoder_graph(cfg, tokens, 128, target), target))
+    # Decode with attention split over 4 chunks of the cache (long caches on many SMs).
+    split = decoder_graph(test_model_configs()["qwen3-tiny"], 1, 128, target, attention_splits=4)
+    sources["qwen3-tiny-t1-split4"] = generate_source(compile_graph(split, target))
     sources["minilm-r512-b32"] = generate_source(compile_graph(minilm_graph(512, 32), target))
     jobs = [(model, arch) for model in sources for arch in SUPPORTED_ARCHS]
     with ThreadPoolExecutor(max_workers=2) as pool:

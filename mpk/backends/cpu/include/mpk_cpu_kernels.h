@@ -185,10 +185,11 @@ static_assert(kSlotBlock % kWidth == 0, "the score buffer is processed in whole 
 // 0..length-1, which are HD wide and kSlotStride floats apart (NKV * HD in a KV cache, a
 // whole qkv row in a packed encoder batch). The softmax is computed online: running max
 // m and sum l per query, and the output accumulator rescaled by exp(m_old - m_new)
-// whenever a block raises the max. length must be at least 1.
+// whenever a block raises the max. length must be at least 1. With `maxima` and `sums`,
+// each head's final m and l are stored there too (split attention merges them).
 template <int HD, std::ptrdiff_t kSlotStride>
 inline void attend_heads(const float* q, int heads, const float* keys, const float* values, int length, float scale,
-                         float* out) {
+                         float* out, float* maxima = nullptr, float* sums = nullptr) {
     constexpr int kVectors = (HD + kWidth - 1) / kWidth;
     Vec acc[kHeadBlock][kVectors];
     float running_max[kHeadBlock];
@@ -241,6 +242,8 @@ inline void attend_heads(const float* q, int heads, const float* keys, const flo
     for (int h = 0; h < heads; ++h) {
         const Vec total = simd::broadcast(running_sum[h]);
         for_each_vector(0, HD, [&](int i, auto n) { store_n(out + h * HD + i, acc[h][i / kWidth] / total, n); });
+        if (maxima != nullptr) maxima[h] = running_max[h];
+        if (sums != nullptr) sums[h] = running_sum[h];
     }
 }
 
@@ -524,6 +527,121 @@ void fused_attention_task(float* qkv, const int64_t* positions, const float* cos
     if constexpr (QK_NORM) qk_norm_task<T, ROW, HD, W>(qkv, q_weight, k_weight, eps, q0, q1, k0, k0 + HD);
     rope_task<T, ROW, HD, NKV, S>(qkv, positions, cos, sin, k_cache, v_cache, group, q0, q1, k0, v0);
     attention_task<T, ROW, HD, NKV, S, OUT_COLS>(qkv, positions, k_cache, v_cache, out, scale, group, 0, T, q0, q1);
+}
+
+// Decode attention split over the KV cache: the task of KV group `group` and cache chunk
+// `chunk` (slots [lo, hi), chunks of ceil(S / C)). For each row t with 0 <= p =
+// positions[t] < S, the group's q heads and k head are normalized (with QK_NORM) and
+// rotated in local buffers, qkv staying unchanged, and when lo <= p < hi the k and v
+// heads go to slot p of the cache. Then each row attends over slots lo .. min(hi, p + 1) - 1
+// and writes partials[t, chunk, h] = (softmax-weighted values, max score, sum of
+// exp(score - max)) for its q heads h in [q0 / HD, q1 / HD); an empty range (and a
+// padding row) writes zeros, max -inf and sum 0. partials: [T, C, NH, HD + 2].
+template <int T, int ROW, int HD, int NKV, int S, int C, int NH, bool QK_NORM, typename W>
+void split_attention_task(const float* qkv, const int64_t* positions, const float* cos, const float* sin,
+                          const W* q_weight, const W* k_weight, float eps, float* k_cache, float* v_cache, float* partials,
+                          float scale, int group, int chunk, int q0, int q1, int k0, int v0) {
+    constexpr int kChunk = (S + C - 1) / C;
+    constexpr std::ptrdiff_t kHeadStride = HD + 2;
+    const int lo = std::min(chunk * kChunk, S), hi = std::min(lo + kChunk, S);
+    const int heads = (q1 - q0) / HD;
+    alignas(64) float q[NH * HD];
+    alignas(64) float k[HD];
+    alignas(64) float results[NH * HD];
+    float maxima[NH], sums[NH];
+
+    // Rotates row t's q heads into q (and its k head into k); false for a padding row.
+    auto prepare = [&](int t) {
+        const int64_t p = positions[t];
+        if (p < 0 || p >= S) return false;
+        const float* row = qkv + static_cast<std::ptrdiff_t>(t) * ROW;
+        for (int h = 0; h < heads; ++h) {
+            if constexpr (QK_NORM) {
+                detail::rms_normalize_row<HD>(row + q0 + h * HD, q_weight, q + h * HD, eps);
+            } else {
+                std::memcpy(q + h * HD, row + q0 + h * HD, sizeof(float) * HD);
+            }
+            detail::rotate_half<HD>(q + h * HD, cos + p * HD, sin + p * HD, q + h * HD);
+        }
+        if constexpr (QK_NORM) {
+            detail::rms_normalize_row<HD>(row + k0, k_weight, k, eps);
+        } else {
+            std::memcpy(k, row + k0, sizeof(float) * HD);
+        }
+        detail::rotate_half<HD>(k, cos + p * HD, sin + p * HD, k);
+        return true;
+    };
+
+    // Every row's append first: a row attends to slots that later rows of the iteration append.
+    for (int t = 0; t < T; ++t) {
+        const int64_t p = positions[t];
+        if (p < lo || p >= hi || !prepare(t)) continue;
+        const std::ptrdiff_t slot = (p * NKV + group) * HD;
+        std::memcpy(k_cache + slot, k, sizeof(float) * HD);
+        std::memcpy(v_cache + slot, qkv + static_cast<std::ptrdiff_t>(t) * ROW + v0, sizeof(float) * HD);
+    }
+    for (int t = 0; t < T; ++t) {
+        float* out = partials + (static_cast<std::ptrdiff_t>(t) * C + chunk) * NH * kHeadStride;
+        const int h_first = q0 / HD;
+        const int64_t p = positions[t];
+        const int end = (p < 0 || p >= S) ? lo : std::min(hi, static_cast<int>(p) + 1);
+        if (end <= lo || !prepare(t)) {
+            for (int h = 0; h < heads; ++h) {
+                float* partial = out + (h_first + h) * kHeadStride;
+                std::fill_n(partial, HD, 0.0f);
+                partial[HD] = -std::numeric_limits<float>::infinity();
+                partial[HD + 1] = 0.0f;
+            }
+            continue;
+        }
+        for (int h0 = 0; h0 < heads; h0 += detail::kHeadBlock) {
+            const int count = std::min(detail::kHeadBlock, heads - h0);
+            detail::attend_heads<HD, static_cast<std::ptrdiff_t>(NKV) * HD>(
+                q + h0 * HD, count, k_cache + (static_cast<std::ptrdiff_t>(lo) * NKV + group) * HD,
+                v_cache + (static_cast<std::ptrdiff_t>(lo) * NKV + group) * HD, end - lo, scale, results + h0 * HD,
+                maxima + h0, sums + h0);
+        }
+        for (int h = 0; h < heads; ++h) {
+            float* partial = out + (h_first + h) * kHeadStride;
+            std::memcpy(partial, results + h * HD, sizeof(float) * HD);
+            partial[HD] = maxima[h];
+            partial[HD + 1] = sums[h];
+        }
+    }
+}
+
+// Merges split_attention's partials of q heads [h0, h1) into out ([T, NH * HD]):
+// out = sum_c w_c acc_c / sum_c w_c with w_c = l_c exp(m_c - max_c m_c); zeros when every
+// chunk of a row is empty.
+template <int T, int C, int NH, int HD>
+void attention_combine_task(const float* partials, float* out, int h0, int h1) {
+    constexpr std::ptrdiff_t kHeadStride = HD + 2;
+    for (int t = 0; t < T; ++t) {
+        for (int h = h0; h < h1; ++h) {
+            const float* first = partials + (static_cast<std::ptrdiff_t>(t) * C * NH + h) * kHeadStride;
+            constexpr std::ptrdiff_t kChunkStride = static_cast<std::ptrdiff_t>(NH) * kHeadStride;
+            float top = -std::numeric_limits<float>::infinity();
+            for (int c = 0; c < C; ++c) top = std::max(top, first[c * kChunkStride + HD]);
+            float* out_row = out + (static_cast<std::ptrdiff_t>(t) * NH + h) * HD;
+            std::fill_n(out_row, HD, 0.0f);
+            if (top == -std::numeric_limits<float>::infinity()) continue;
+            float norm = 0.0f;
+            for (int c = 0; c < C; ++c) {
+                const float* partial = first + c * kChunkStride;
+                if (partial[HD] == -std::numeric_limits<float>::infinity()) continue;
+                const float weight = partial[HD + 1] * std::exp(partial[HD] - top);
+                norm += weight;
+                const detail::Vec w = simd::broadcast(weight);
+                detail::for_each_vector(0, HD, [&](int i, auto n) {
+                    detail::store_n(out_row + i, simd::fmadd(w, detail::load_n(partial + i, n), detail::load_n(out_row + i, n)), n);
+                });
+            }
+            const detail::Vec total = simd::broadcast(norm);
+            detail::for_each_vector(0, HD, [&](int i, auto n) {
+                detail::store_n(out_row + i, detail::load_n(out_row + i, n) / total, n);
+            });
+        }
+    }
 }
 
 // out[t, c] = silu(gate_up[t, c]) * gate_up[t, I + c] for c in [c0, c1), t < T, with

@@ -1504,6 +1504,148 @@ __device__ void fused_attention_task(__nv_bfloat16* qkv, const int64_t* position
     attention_task<T, ROW, HD, NKV, S, OUT_COLS>(qkv, positions, k_cache, v_cache, out, scale, group, 0, T, q0, q1, smem);
 }
 
+// Shared memory of split_attention_task: a row's rotated q heads and k head, as float.
+template <int NH, int HD>
+MPK_CUDA_HD constexpr int split_attention_smem_bytes() {
+    return (NH + 1) * HD * static_cast<int>(sizeof(float));
+}
+
+// Decode attention split over the KV cache, as the CPU kernel of the same name: the task
+// of KV group `group` and cache chunk `chunk` (slots [lo, hi), chunks of ceil(S / C)).
+// Per row with 0 <= p = positions[t] < S: the group's q heads and k head are loaded into
+// shared memory, RMS-normalized (QK_NORM, one warp per head) and rotated there, qkv
+// staying unchanged; the k and v heads go to cache slot p when lo <= p < hi; then one warp
+// per q head attends over slots lo .. min(hi, p + 1) - 1 with an online softmax and
+// writes partials[t, chunk, h] = (weighted values, max score, sum of exp(score - max)).
+// Empty ranges and padding rows write zeros, -inf and 0. The rounding to bf16 follows the
+// separate qk_norm and rope kernels; scores and sums stay fp32.
+// NOTE: one warp per head walks the slots one at a time (a warp sum per slot): simple,
+// not tuned. No GPU has run it.
+template <int T, int ROW, int HD, int NKV, int S, int C, int NH, bool QK_NORM>
+__device__ void split_attention_task(const __nv_bfloat16* qkv, const int64_t* positions, const float* cos,
+                                     const float* sin, const __nv_bfloat16* q_weight, const __nv_bfloat16* k_weight,
+                                     float eps, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, float* partials,
+                                     float scale, int group, int chunk, int q0, int q1, int k0, int v0, char* smem) {
+    static_assert(split_attention_smem_bytes<NH, HD>() <= kSmemBytes, "split attention scratch exceeds MPK_SMEM_BYTES");
+    static_assert(HD % 2 == 0, "rotary embedding needs an even head_dim");
+    constexpr int kChunk = (S + C - 1) / C;
+    constexpr int kHalf = HD / 2;
+    constexpr int kPerLane = (HD + kWarpSize - 1) / kWarpSize;
+    const int lo = min(chunk * kChunk, S), hi = min(lo + kChunk, S);
+    const int heads = (q1 - q0) / HD;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    float* local = reinterpret_cast<float*>(smem);  // heads q heads, then the k head
+    for (int t = 0; t < T; ++t) {
+        const int64_t p = positions[t];
+        const bool valid = p >= 0 && p < S;
+        const int end = valid ? min(hi, static_cast<int>(p) + 1) : lo;
+        const bf16* row = qkv + static_cast<int64_t>(t) * ROW;
+        if (valid) {
+            for (int i = threadIdx.x; i < (heads + 1) * HD; i += kThreads) {
+                local[i] = detail::to_float(i < heads * HD ? row[q0 + i] : row[k0 + i - heads * HD]);
+            }
+            __syncthreads();
+            if constexpr (QK_NORM) {
+                for (int h = warp; h <= heads; h += kWarps) {
+                    float* head = local + h * HD;
+                    const bf16* weight = h < heads ? q_weight : k_weight;
+                    float squares = 0.0f;
+                    for (int d = lane; d < HD; d += kWarpSize) squares += head[d] * head[d];
+                    const float inverse = detail::inverse_rms(detail::warp_sum(squares), HD, eps);
+                    for (int d = lane; d < HD; d += kWarpSize) {
+                        head[d] = detail::rms_normalize_element(head[d], inverse, detail::to_float(weight[d]));
+                    }
+                }
+                __syncthreads();
+            }
+            for (int i = threadIdx.x; i < (heads + 1) * kHalf; i += kThreads) {
+                float* head = local + (i / kHalf) * HD;
+                const int d = i % kHalf;
+                float low, high;
+                detail::rotate_pair(head[d], head[d + kHalf], __ldg(cos + p * HD + d), __ldg(cos + p * HD + d + kHalf),
+                                    __ldg(sin + p * HD + d), __ldg(sin + p * HD + d + kHalf), low, high);
+                head[d] = low;
+                head[d + kHalf] = high;
+            }
+            __syncthreads();
+            if (p >= lo && p < hi) {
+                const int64_t slot = (p * NKV + group) * HD;
+                for (int d = threadIdx.x; d < HD; d += kThreads) {
+                    k_cache[slot + d] = __float2bfloat16_rn(local[heads * HD + d]);
+                    v_cache[slot + d] = row[v0 + d];
+                }
+            }
+            // The appended slot is read below by other threads of this CTA.
+            __syncthreads();
+        }
+        for (int h = warp; h < heads; h += kWarps) {
+            float* partial = partials + ((static_cast<int64_t>(t) * C + chunk) * NH + q0 / HD + h) * (HD + 2);
+            float q[kPerLane], acc[kPerLane];
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                const int d = lane + i * kWarpSize;
+                q[i] = d < HD && end > lo ? local[h * HD + d] : 0.0f;
+                acc[i] = 0.0f;
+            }
+            float m = -INFINITY, l = 0.0f;
+            for (int j = lo; j < end; ++j) {
+                const bf16* key = k_cache + (static_cast<int64_t>(j) * NKV + group) * HD;
+                float dot = 0.0f;
+#pragma unroll
+                for (int i = 0; i < kPerLane; ++i) {
+                    const int d = lane + i * kWarpSize;
+                    if (d < HD) dot += q[i] * detail::to_float(key[d]);
+                }
+                float correction, weight;
+                detail::online_softmax_step(m, l, detail::warp_sum(dot) * scale, correction, weight);
+                const bf16* value = v_cache + (static_cast<int64_t>(j) * NKV + group) * HD;
+#pragma unroll
+                for (int i = 0; i < kPerLane; ++i) {
+                    const int d = lane + i * kWarpSize;
+                    if (d < HD) acc[i] = acc[i] * correction + weight * detail::to_float(value[d]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                const int d = lane + i * kWarpSize;
+                if (d < HD) partial[d] = l > 0.0f ? acc[i] / l : 0.0f;
+            }
+            if (lane == 0) {
+                partial[HD] = m;
+                partial[HD + 1] = l;
+            }
+        }
+        // The next row reuses `local`.
+        __syncthreads();
+    }
+}
+
+// Merges split_attention's partials of q heads [h0, h1) into out ([T, NH * HD]), as the
+// CPU kernel of the same name: one thread per output element.
+template <int T, int C, int NH, int HD>
+__device__ void attention_combine_task(const float* partials, __nv_bfloat16* out, int h0, int h1, char* smem) {
+    (void)smem;
+    constexpr int64_t kHeadStride = HD + 2;
+    const int width = (h1 - h0) * HD;
+    for (int i = threadIdx.x; i < T * width; i += kThreads) {
+        const int t = i / width, h = h0 + (i % width) / HD, d = i % HD;
+        const float* first = partials + (static_cast<int64_t>(t) * C * NH + h) * kHeadStride;
+        float top = -INFINITY;
+        for (int c = 0; c < C; ++c) top = detail::nan_max(top, first[c * NH * kHeadStride + HD]);
+        float sum = 0.0f, norm = 0.0f;
+        if (top != -INFINITY) {
+            for (int c = 0; c < C; ++c) {
+                const float* partial = first + c * NH * kHeadStride;
+                if (partial[HD] == -INFINITY) continue;
+                const float weight = partial[HD + 1] * expf(partial[HD] - top);
+                norm += weight;
+                sum += weight * partial[d];
+            }
+        }
+        detail::store_element(out + (static_cast<int64_t>(t) * NH + h) * HD + d, norm > 0.0f ? sum / norm : 0.0f);
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Sentence encoders (BERT): linear epilogue, embedding sum, LayerNorm, attention within
 // packed sentences, mean pooling. These kernels are simple (one element or one warp per
