@@ -21,7 +21,7 @@ import torch
 
 from mpk.compiler.pipeline import compile_graph
 from mpk.compiler.taskgraph import TaskGraph
-from mpk.errors import CheckpointError, ConfigError, MpkError
+from mpk.errors import CheckpointError, ConfigError, MpkError, RuntimeStallError
 from mpk.frontend.bert import BertConfig, Pooling, load_bert_config, load_pooling
 from mpk.frontend.checkpoint import Checkpoint
 from mpk.frontend.encoder import OUTPUT, encoder_graph
@@ -173,7 +173,12 @@ class Embedder:
         done = 0
         for batch in self.plan([len(s) for s in ids]):
             executor = self.executor(batch.rows, batch.slots)
-            pooled = executor.run(self.pack(ids, batch))[OUTPUT]
+            try:
+                pooled = executor.run(self.pack(ids, batch))[OUTPUT]
+            except RuntimeStallError:
+                # A stalled runtime stays stopped: build a new one on the next call.
+                self._forget(batch.rows, batch.slots)
+                raise
             out[batch.indices] = pooled[: len(batch.indices)].to("cpu", torch.float32).numpy()
             self.last_executor = executor
             done += len(batch.indices)
@@ -211,6 +216,11 @@ class Embedder:
             if hasattr(evicted, "close"):
                 evicted.close()
         return executor
+
+    def _forget(self, rows: int, slots: int) -> None:
+        executor = self.executors.pop((rows, slots), None)
+        if hasattr(executor, "close"):
+            executor.close()
 
     def _weights(self, tg: TaskGraph) -> dict[str, torch.Tensor]:
         """Load the weights once: every batch shape names the same ones."""

@@ -228,6 +228,26 @@ def test_cuda_backend_without_a_gpu(monkeypatch, tiny_bert: Path) -> None:
         Embedder(tiny_bert, backend="cuda")
 
 
+def test_stalled_executor_is_rebuilt(monkeypatch, tiny_bert: Path) -> None:
+    from mpk.errors import RuntimeStallError
+
+    embedder = Embedder(tiny_bert, backend="cpu", batch_size=2)
+    expected = embedder.embed(["a b"])
+    (key, executor), = embedder.executors.items()
+
+    def stall(inputs):
+        raise RuntimeStallError("watchdog: stuck")
+
+    monkeypatch.setattr(executor, "run", stall)
+    with pytest.raises(RuntimeStallError):
+        embedder.embed(["a b"])
+    assert key not in embedder.executors, "a stalled runtime stays stopped, so it leaves the cache"
+
+    again = embedder.embed(["a b"])
+    embedder.close()
+    assert np.array_equal(again, expected)
+
+
 def test_bad_arguments(tiny_bert: Path) -> None:
     with pytest.raises(MpkError, match="batch size"):
         Embedder(tiny_bert, batch_size=0)

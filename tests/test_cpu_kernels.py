@@ -636,6 +636,12 @@ def test_simd_gelu_error_bound(lib: ctypes.CDLL) -> None:
     # |gelu| < 0.004 and 1e-31. A wrong coefficient gives errors of 1e-4 and more.
     core, tail = relative[x > -3].max().item(), relative[x <= -3].max().item()
     assert core < 1.5e-6, f"max relative error of the vector GELU over [-3, 12] is {core:.3g}"
+    special = torch.tensor([float("inf"), float("nan"), 0.0])
+    y = nan_like(special)
+    call(lib, "simd_gelu", special, y, special.numel())
+    assert y[0] == math.inf
+    assert math.isnan(y[1])
+    assert y[2] == 0.0
     assert tail < 2e-5, f"max relative error of the vector GELU over [-12, -3] is {tail:.3g}"
 
 

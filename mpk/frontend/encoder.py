@@ -106,7 +106,7 @@ def _dense(b: GraphBuilder, x: str, name: str, shape: tuple[int, int], prefix: s
 
 def _cpu_tiling(rows: int) -> dict:
     """Linear tiling for the CPU backend. Tiles of whole 48-column weight panels waste no
-    work in linear_panels_task. From 256 rows on, four tiles per worker let the static
+    work in linear_panels_task. From 128 rows on, four tiles per worker let the static
     schedule balance tasks that each take a millisecond or more (a fused qkv of three equal
     segments would otherwise give two workers three tiles). Below that, the extra tasks
     cost more than the balance gains: on a 2-core Zen 5 VM, four per worker took

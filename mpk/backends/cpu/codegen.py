@@ -58,6 +58,8 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [ceil(N / PANEL), K, PANEL]: panel p holds weight[PANEL * p + j, k] at
     [p, k, j], zero past N. Packed copies are cached per source tensor, so executors of
     several batch shapes share one.
+    NOTE: the copy is made once per tensor, so a weight changed in place afterwards is
+    not seen by executors built later, while row-major weights are shared, not copied.
     """
     # Keyed by identity (tensors compare elementwise); the finalizer drops an entry when
     # its source tensor is freed, so the cache never outlives the weights it packed.

@@ -263,7 +263,10 @@ inline Vec gelu(Vec x) {
     for (int i = 1; i < 10; ++i) poly = simd::fmadd(poly, t, simd::broadcast(kCoefficients[i]));
     const Vec erfc = t * simd::exp(poly - z * z);
     const Vec half_x_erfc = simd::broadcast(0.5f) * x * erfc;
-    return simd::select(simd::greater(zero, x), half_x_erfc, x - half_x_erfc);
+    const Vec result = simd::select(simd::greater(zero, x), half_x_erfc, x - half_x_erfc);
+    // Past x = 10, gelu(x) rounds to x; taking x there also keeps gelu(+inf) = +inf,
+    // where the formula would compute inf * 0.
+    return simd::select(simd::greater(x, simd::broadcast(10.0f)), x, result);
 }
 
 // Attention of up to kWidth query rows over the same key and value rows, with the

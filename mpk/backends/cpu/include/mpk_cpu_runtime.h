@@ -190,7 +190,7 @@ class Runtime {
 
   ~Runtime() {
     stop_.store(1, std::memory_order_seq_cst);
-    wake_parked();
+    wake_parked();  // after stop_: a thread that parks later sees stop_ and does not sleep
     for (auto& thread : threads_) thread.join();
   }
 
@@ -204,7 +204,7 @@ class Runtime {
     // wake_parked() below sees a parked thread or that thread sees the new count.
     in_flight_.store(1, std::memory_order_seq_cst);
     __atomic_fetch_add(&counters_[kBeginEvent].value, 1, __ATOMIC_SEQ_CST);
-    wake_parked();
+    wake_parked();  // after BEGIN: a thread that parks later sees the new count
     if (config_.mode == kDynamic) push_event(kBeginEvent, iteration);
 
     const int32_t end = static_cast<int32_t>(events_.size()) - 1;
@@ -373,9 +373,8 @@ class Runtime {
     Backoff backoff;
     while (!stop_.load(std::memory_order_relaxed) && !stalled_.load(std::memory_order_relaxed)) {
       if (queue.pop(entry)) return true;
-      if (backoff.sleeping()) {
-        const uint64_t begun = __atomic_load_n(&counters_[kBeginEvent].value, __ATOMIC_RELAXED);
-        if (!in_flight_.load(std::memory_order_seq_cst)) park(static_cast<uint32_t>(begun));
+      if (backoff.sleeping() && !in_flight_.load(std::memory_order_seq_cst)) {
+        park(static_cast<uint32_t>(__atomic_load_n(&counters_[kBeginEvent].value, __ATOMIC_RELAXED)));
         backoff = Backoff{};
       }
       backoff.pause();
@@ -383,28 +382,28 @@ class Runtime {
     return false;
   }
 
-  // Futex word: the low 32 bits of BEGIN's counter, which change at every iteration
-  // (x86-64 and AArch64 Linux are little-endian). Only the kernel reads it through this
-  // pointer; the runtime itself loads the whole 64-bit counter.
-  uint32_t* begin_word() { return reinterpret_cast<uint32_t*>(&counters_[kBeginEvent].value); }
-
-  // Blocks until BEGIN's low word differs from `seen` (the host began an iteration) or the
-  // runtime stops. FUTEX_WAIT sleeps only while the word still equals `seen`, so a begin
-  // between the caller's read and the wait cannot be missed. Spurious wake-ups are fine:
-  // every caller re-checks its condition.
+  // Blocks until the host begins an iteration after BEGIN's low word was `seen`, or the
+  // runtime stops. The futex word is wake_generation_, which wake_parked() increments
+  // before waking: a thread reads the generation first, then checks BEGIN and stop_, and
+  // FUTEX_WAIT sleeps only while the generation is unchanged. So a wake between the
+  // checks and the wait cannot be lost, whether it comes from a begin or from the
+  // destructor. Spurious wake-ups are fine: every caller re-checks its condition.
   void park(uint32_t seen) {
+    const uint32_t generation = wake_generation_.load(std::memory_order_seq_cst);
     parked_.fetch_add(1, std::memory_order_seq_cst);
     const uint64_t begun = __atomic_load_n(&counters_[kBeginEvent].value, __ATOMIC_SEQ_CST);
     if (static_cast<uint32_t>(begun) == seen && !stop_.load(std::memory_order_seq_cst)) {
-      syscall(SYS_futex, begin_word(), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&wake_generation_), FUTEX_WAIT_PRIVATE, generation, nullptr, nullptr, 0);
     }
     parked_.fetch_sub(1, std::memory_order_seq_cst);
   }
 
-  // Wakes every parked thread; the syscall is skipped when none is parked.
+  // Wakes every parked thread. The generation changes first, so a thread between its
+  // checks and FUTEX_WAIT does not sleep; the syscall is skipped when none is parked.
   void wake_parked() {
+    wake_generation_.fetch_add(1, std::memory_order_seq_cst);
     if (parked_.load(std::memory_order_seq_cst) > 0) {
-      syscall(SYS_futex, begin_word(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&wake_generation_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
     }
   }
 
@@ -488,6 +487,9 @@ class Runtime {
   std::atomic<int32_t> stop_{0};
   std::atomic<int32_t> stalled_{0};
   std::atomic<int32_t> parked_{0};     // threads blocked in park()
+  std::atomic<uint32_t> wake_generation_{0};  // futex word of park(), see there
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) && std::atomic<uint32_t>::is_always_lock_free,
+                "the futex syscall reads wake_generation_ as a plain 32-bit word");
   std::atomic<int32_t> in_flight_{0};  // 1 from the host's begin of an iteration to its end
   std::atomic<int32_t> reported_{0};
   StallReport report_{};
