@@ -30,6 +30,12 @@ def element_bytes(tensors: dict[str, TensorSpec], name: str) -> int:
     return DTYPE_BYTES[tensors[name].dtype]
 
 
+def rotary_bounds(op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
+    """Positions index the KV cache slots and the rope tables; negative ones are padding."""
+    slots = min(tensors[op.outputs["k_cache"]].shape[0], tensors[op.inputs["cos"]].shape[0])
+    return {"positions": IndexBound(None, slots, "the KV cache slots and rope table rows")}
+
+
 def check_cache(op: Op, tensors: dict[str, TensorSpec], role: str) -> TensorSpec:
     _, kv_heads, head_dim = head_layout(op)
     cache = tensors[op.inputs.get(role) or op.outputs[role]]
@@ -68,8 +74,7 @@ class RopeSpec(OpSpec):
         return {"out": (qkv.shape, qkv.dtype)}
 
     def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
-        slots = min(tensors[op.outputs["k_cache"]].shape[0], tensors[op.inputs["cos"]].shape[0])
-        return {"positions": IndexBound(None, slots, "the KV cache slots and rope table rows")}
+        return rotary_bounds(op, tensors)
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
         return [(g,) for g in range(op.attrs["num_kv_heads"])]
@@ -297,8 +302,7 @@ class FusedAttentionSpec(OpSpec):
         return {"out": inferred["out"], "qkv_out": (qkv.shape, qkv.dtype)}
 
     def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
-        slots = min(tensors[op.outputs["k_cache"]].shape[0], tensors[op.inputs["cos"]].shape[0])
-        return {"positions": IndexBound(None, slots, "the KV cache slots and rope table rows")}
+        return rotary_bounds(op, tensors)
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
         return [(g,) for g in range(op.attrs["num_kv_heads"])]

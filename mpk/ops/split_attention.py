@@ -1,8 +1,8 @@
 """Decode attention split over the KV cache (flash-decoding), for long caches on many SMs.
 
-One task per (KV group, chunk of cache slots) normalizes and rotates the group's q and k
-heads, appends k and v to the cache when the row's position falls in its chunk, and
-attends over its chunk's slots up to the position. It writes a partial result per q
+There is one task per KV group and chunk of cache slots. It normalizes and rotates the
+group's q and k heads, and appends k and v to the cache when the row's position falls in
+its chunk. Then it attends over its chunk's slots up to the position. It writes a partial result per q
 head: the softmax-weighted average of the values (acc), the max score m and the sum of
 exp(score - m), l. One combine task per group then merges the chunks:
 out = sum_c w_c acc_c / sum_c w_c with w_c = l_c exp(m_c - max_c m_c).
@@ -18,7 +18,7 @@ import torch
 
 from mpk.errors import GraphError
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
-from mpk.ops.attention import check_cache, rotate
+from mpk.ops.attention import check_cache, rotary_bounds, rotate
 from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, Tile, TilingPlan, attr, cpp_float, expect_rank, expect_shape, register, task_call
 from mpk.ops.norm import check_qkv, group_columns, head_layout, rms_normalize
 
@@ -68,8 +68,7 @@ class SplitAttentionSpec(OpSpec):
         return {"partials": ((qkv.shape[0], chunks, heads, head_dim + 2), "float32")}
 
     def index_bounds(self, op: Op, tensors: dict[str, TensorSpec]) -> dict[str, IndexBound]:
-        slots = min(tensors[op.outputs["k_cache"]].shape[0], tensors[op.inputs["cos"]].shape[0])
-        return {"positions": IndexBound(None, slots, "the KV cache slots and rope table rows")}
+        return rotary_bounds(op, tensors)
 
     def tiles(self, op: Op, tensors: dict[str, TensorSpec], plan: TilingPlan) -> list[Tile]:
         return [(g, c) for g in range(op.attrs["num_kv_heads"]) for c in range(op.attrs["chunks"])]
@@ -137,6 +136,7 @@ class SplitAttentionSpec(OpSpec):
         group_heads = heads // kv_heads
         head_rows = slice(group * group_heads, (group + 1) * group_heads)
         rotated = []
+
         # First every row's append, then attention: a row may attend to a slot that a
         # later row of the same iteration appends.
         for t in range(qkv.shape[0]):
@@ -155,6 +155,7 @@ class SplitAttentionSpec(OpSpec):
                 k_cache[p, group] = k[0].to(k_cache.dtype)
                 v_cache[p, group] = qkv[t, v_cols[0] : v_cols[1]].to(v_cache.dtype)
             rotated.append((p, q))
+
         for t, entry in enumerate(rotated):
             partials[t, chunk, head_rows] = 0
             partials[t, chunk, head_rows, head_dim] = -math.inf
