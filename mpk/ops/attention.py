@@ -55,6 +55,7 @@ class RopeSpec(OpSpec):
     outputs = ("out", "k_cache", "v_cache")
     inplace = {"out": "qkv"}
     attributes = ("num_heads", "num_kv_heads", "head_dim")
+    gathered_weights = ("cos", "sin")
     cpu_kernel = "rope_task"
     cuda_kernel = "rope_task"
 
@@ -163,6 +164,7 @@ class AttentionSpec(OpSpec):
     inputs = ("qkv", "positions", "k_cache", "v_cache")
     outputs = ("out",)
     attributes = ("num_heads", "num_kv_heads", "head_dim", "scale", "context")
+    kv_cache_roles = ("k_cache", "v_cache")
     cpu_kernel = "attention_task"
     cuda_kernel = "attention_task"
 
@@ -271,6 +273,8 @@ class FusedAttentionSpec(OpSpec):
     outputs = ("out", "qkv_out", "k_cache", "v_cache")
     inplace = {"qkv_out": "qkv"}
     attributes = ("num_heads", "num_kv_heads", "head_dim", "scale", "eps", "context")
+    gathered_weights = ("cos", "sin")
+    kv_cache_roles = ("k_cache", "v_cache")
     cpu_kernel = "fused_attention_task"
     cuda_kernel = "fused_attention_task"
 

@@ -82,6 +82,11 @@ class OpSpec:
     # reads that input only inside the tile it writes.
     inplace: ClassVar[dict[str, str]] = {}
     attributes: ClassVar[tuple[str, ...]] = ()
+    # Weight roles that are lookup tables, read one row per token rather than whole, and
+    # the roles of the KV cache that a task reads up to the filled slots. The simulator's
+    # memory floor counts bytes by them.
+    gathered_weights: ClassVar[tuple[str, ...]] = ()
+    kv_cache_roles: ClassVar[tuple[str, ...]] = ()
     cpu_kernel: ClassVar[str]
     cuda_kernel: ClassVar[str]
 

@@ -15,6 +15,7 @@ class EmbeddingSpec(OpSpec):
     doc = "Look up one row of the embedding table per token. Tiled over hidden columns."
     inputs = ("tokens", "weight")
     outputs = ("out",)
+    gathered_weights = ("weight",)
     cpu_kernel = "embedding_task"
     cuda_kernel = "embedding_task"
 
@@ -73,6 +74,7 @@ class EmbeddingSumSpec(OpSpec):
     )
     inputs = ("tokens", "positions", "token_types", "word", "position", "token_type")
     outputs = ("out",)
+    gathered_weights = ("word", "position", "token_type")
     cpu_kernel = "embedding_sum_task"
     cuda_kernel = "embedding_sum_task"
 

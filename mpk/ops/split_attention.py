@@ -43,6 +43,8 @@ class SplitAttentionSpec(OpSpec):
     optional_inputs = ("q_weight", "k_weight")
     outputs = ("partials", "k_cache", "v_cache")
     attributes = ("num_heads", "num_kv_heads", "head_dim", "scale", "eps", "chunks", "context")
+    gathered_weights = ("cos", "sin")
+    kv_cache_roles = ("k_cache", "v_cache")
     cpu_kernel = "split_attention_task"
     cuda_kernel = "split_attention_task"
 

@@ -131,30 +131,25 @@ class MemoryFloor:
         return self.total_bytes / self.bandwidth
 
 
-# Operators that read one row of the rope tables per token, and operators that read the
-# KV cache.
-ROTARY_KINDS = ("rope", "fused_attention", "split_attention")
-CACHE_READING_KINDS = ("attention", "fused_attention", "split_attention")
-
-
 def memory_floor(tg: TaskGraph, tensors: dict[str, TensorSpec], context: int, bandwidth: float) -> MemoryFloor:
-    """Count every weight once, except that an embedding and the rope tables are read one
-    row per token, plus the KV slots attention reads: ``context`` filled slots and the
-    iteration's own rows, for every layer's k and v cache.
+    """Count every weight once, except the lookup tables that specs list in
+    ``gathered_weights`` (embeddings, rope tables), read one row per token. Add the KV slots
+    that ops read through ``kv_cache_roles``: ``context`` filled slots and the iteration's
+    own rows, for every layer's k and v cache.
     """
     tokens = tg.graph.tokens
     weights: dict[str, int] = {}
     kv = 0
     for op in tg.graph.ops:
+        op_spec = spec_of(op.kind)
         for role, name in op.inputs.items():
             spec = tensors[name]
             if spec.kind is TensorKind.WEIGHT:
-                gathered = op.kind == "embedding" or (op.kind in ROTARY_KINDS and role in ("cos", "sin"))
                 row_bytes = spec.nbytes // spec.shape[0]
-                weights[name] = max(weights.get(name, 0), min(tokens, spec.shape[0]) * row_bytes if gathered else spec.nbytes)
-        if op.kind in CACHE_READING_KINDS:
-            for role in ("k_cache", "v_cache"):
-                cache = tensors[op.inputs.get(role) or op.outputs[role]]
-                slots = min(context + tokens, cache.shape[0])
-                kv += slots * (cache.nbytes // cache.shape[0])
+                gathered = min(tokens, spec.shape[0]) * row_bytes
+                weights[name] = max(weights.get(name, 0), gathered if role in op_spec.gathered_weights else spec.nbytes)
+        for role in op_spec.kv_cache_roles:
+            cache = tensors[op.inputs.get(role) or op.outputs[role]]
+            slots = min(context + tokens, cache.shape[0])
+            kv += slots * (cache.nbytes // cache.shape[0])
     return MemoryFloor(sum(weights.values()), kv, bandwidth)
