@@ -15,7 +15,7 @@ import torch
 from mpk.errors import GraphError
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
 from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, cpp_float, Tile, TilingPlan, expect_rank, expect_shape, register, spec_of, task_call
-from mpk.ops.norm import check_qkv, group_columns, head_layout
+from mpk.ops.norm import check_qkv, group_column_args, group_columns, head_layout, qk_norm_pointer_args
 from mpk.ops.tiling import split
 
 
@@ -330,21 +330,15 @@ class FusedAttentionSpec(OpSpec):
         return Cost(sum(c.bytes for c in costs), sum(c.flops for c in costs))
 
     def kernel_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
-        heads, kv_heads, head_dim = head_layout(op)
+        _, kv_heads, head_dim = head_layout(op)
         tokens, row = tensors[op.inputs["qkv"]].shape
         cache_len = tensors[op.outputs["k_cache"]].shape[0]
         out_cols = tensors[op.outputs["out"]].shape[1]
-        q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
-        v_base = k_base + kv_heads * head_dim
-        norm = "q_weight" in op.inputs
-        weight_type = arg.element("q_weight") if norm else arg.element("qkv")
-        null = f"static_cast<const {weight_type}*>(nullptr)"
-        template = [tokens, row, head_dim, kv_heads, cache_len, out_cols, str(norm).lower()]
+        template = [tokens, row, head_dim, kv_heads, cache_len, out_cols, str("q_weight" in op.inputs).lower()]
         arguments = [arg.pointer("qkv_out"), arg.pointer("positions"), arg.pointer("cos"), arg.pointer("sin"),
-                     arg.pointer("q_weight") if norm else null, arg.pointer("k_weight") if norm else null,
-                     cpp_float(op.attrs["eps"]), arg.pointer("k_cache"), arg.pointer("v_cache"), arg.pointer("out"),
-                     cpp_float(op.attrs["scale"]), "tile[0]", f"tile[0] * {q_width}", f"(tile[0] + 1) * {q_width}",
-                     f"{k_base} + tile[0] * {head_dim}", f"{v_base} + tile[0] * {head_dim}"]
+                     *qk_norm_pointer_args(op, arg), cpp_float(op.attrs["eps"]), arg.pointer("k_cache"),
+                     arg.pointer("v_cache"), arg.pointer("out"), cpp_float(op.attrs["scale"]), "tile[0]",
+                     *group_column_args(op)]
         return task_call(backend, "fused_attention_task", template, arguments)
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mpk.errors import GraphError
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
 from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, Tile, TilingPlan, cpp_float, expect_rank, expect_shape, register, task_call
-from mpk.ops.norm import check_qkv, group_columns, head_layout
+from mpk.ops.norm import check_qkv, group_column_args, group_columns, head_layout
 from mpk.ops.tiling import split
 
 # Rows a sentence is assumed to have when the cost model sizes an attention task.
@@ -92,16 +92,11 @@ class SegmentAttentionSpec(OpSpec):
         return Cost(moved, 4 * (r1 - r0) * span * group_heads * head_dim)
 
     def kernel_call(self, op: Op, tensors: dict[str, TensorSpec], arg: KernelArgs, backend: str) -> str:
-        heads, kv_heads, head_dim = head_layout(op)
         rows, row = tensors[op.inputs["qkv"]].shape
         out_cols = tensors[op.outputs["out"]].shape[1]
-        q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
-        v_base = k_base + kv_heads * head_dim
         pointers = [arg.pointer(role) for role in ("qkv", "segments", "spans", "out")]
-        columns = [f"tile[0] * {q_width}", f"(tile[0] + 1) * {q_width}", f"{k_base} + tile[0] * {head_dim}",
-                   f"{v_base} + tile[0] * {head_dim}"]
-        return task_call(backend, "segment_attention_task", [rows, row, head_dim, out_cols],
-                         [*pointers, cpp_float(op.attrs["scale"]), "tile[1]", "tile[2]", *columns])
+        return task_call(backend, "segment_attention_task", [rows, row, op.attrs["head_dim"], out_cols],
+                         [*pointers, cpp_float(op.attrs["scale"]), "tile[1]", "tile[2]", *group_column_args(op)])
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
         group, r0, r1 = tile

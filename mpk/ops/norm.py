@@ -88,6 +88,27 @@ def group_columns(op: Op, group: int) -> tuple[tuple[int, int], tuple[int, int],
     return q, k, v
 
 
+def group_column_args(op: Op) -> list[str]:
+    """Return C++ expressions of q0, q1, k0 and v0, group_columns' bounds for the KV group
+    in ``tile[0]``, as the kernels that take a group's columns expect them.
+    """
+    heads, kv_heads, head_dim = head_layout(op)
+    q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
+    v_base = k_base + kv_heads * head_dim
+    return [f"tile[0] * {q_width}", f"(tile[0] + 1) * {q_width}", f"{k_base} + tile[0] * {head_dim}",
+            f"{v_base} + tile[0] * {head_dim}"]
+
+
+def qk_norm_pointer_args(op: Op, arg: KernelArgs) -> list[str]:
+    """Return the q_weight and k_weight pointers, or two typed null pointers when the
+    operator normalizes no heads (its kernel's QK_NORM is then false).
+    """
+    if "q_weight" in op.inputs:
+        return [arg.pointer("q_weight"), arg.pointer("k_weight")]
+    null = f"static_cast<const {arg.element('qkv')}*>(nullptr)"
+    return [null, null]
+
+
 def check_qkv(op: Op, tensors: dict[str, TensorSpec]) -> TensorSpec:
     heads, kv_heads, head_dim = head_layout(op)
     qkv = tensors[op.inputs["qkv"]]

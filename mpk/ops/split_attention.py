@@ -20,7 +20,7 @@ from mpk.errors import GraphError
 from mpk.ir.tensor import DTYPE_BYTES, TensorSpec
 from mpk.ops.attention import check_cache, rotary_bounds, rotate
 from mpk.ops.base import Access, Cost, IndexBound, KernelArgs, Op, OpSpec, Tile, TilingPlan, attr, cpp_float, expect_rank, expect_shape, register, task_call
-from mpk.ops.norm import check_qkv, group_columns, head_layout, rms_normalize
+from mpk.ops.norm import check_qkv, group_column_args, group_columns, head_layout, qk_norm_pointer_args, rms_normalize
 
 
 def chunk_bounds(slots: int, chunks: int, chunk: int) -> tuple[int, int]:
@@ -115,16 +115,11 @@ class SplitAttentionSpec(OpSpec):
         heads, kv_heads, head_dim = head_layout(op)
         tokens, row = tensors[op.inputs["qkv"]].shape
         slots = tensors[op.outputs["k_cache"]].shape[0]
-        q_width, k_base = heads // kv_heads * head_dim, heads * head_dim
-        v_base = k_base + kv_heads * head_dim
-        norm = "q_weight" in op.inputs
-        null = f"static_cast<const {arg.element('q_weight') if norm else arg.element('qkv')}*>(nullptr)"
-        template = [tokens, row, head_dim, kv_heads, slots, op.attrs["chunks"], heads, str(norm).lower()]
+        template = [tokens, row, head_dim, kv_heads, slots, op.attrs["chunks"], heads, str("q_weight" in op.inputs).lower()]
         arguments = [arg.pointer("qkv"), arg.pointer("positions"), arg.pointer("cos"), arg.pointer("sin"),
-                     arg.pointer("q_weight") if norm else null, arg.pointer("k_weight") if norm else null,
-                     cpp_float(op.attrs["eps"]), arg.pointer("k_cache"), arg.pointer("v_cache"), arg.pointer("partials"),
-                     cpp_float(op.attrs["scale"]), "tile[0]", "tile[1]", f"tile[0] * {q_width}", f"(tile[0] + 1) * {q_width}",
-                     f"{k_base} + tile[0] * {head_dim}", f"{v_base} + tile[0] * {head_dim}"]
+                     *qk_norm_pointer_args(op, arg), cpp_float(op.attrs["eps"]), arg.pointer("k_cache"),
+                     arg.pointer("v_cache"), arg.pointer("partials"), cpp_float(op.attrs["scale"]), "tile[0]", "tile[1]",
+                     *group_column_args(op)]
         return task_call(backend, "split_attention_task", template, arguments)
 
     def run(self, op: Op, tile: Tile, bufs: dict[str, torch.Tensor]) -> None:
