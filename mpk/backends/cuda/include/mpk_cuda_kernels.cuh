@@ -1504,6 +1504,46 @@ __device__ void fused_attention_task(__nv_bfloat16* qkv, const int64_t* position
     attention_task<T, ROW, HD, NKV, S, OUT_COLS>(qkv, positions, k_cache, v_cache, out, scale, group, 0, T, q0, q1, smem);
 }
 
+namespace detail {
+
+template <int HD>
+inline constexpr int kLaneElements = (HD + kWarpSize - 1) / kWarpSize;
+
+// One warp's attention of one query over rows [begin, end) of keys and values, which
+// are `stride` elements apart: lane l holds elements l, l + 32, ... of the query (q) and
+// of the output accumulator (acc). A warp sum gives each score and the online softmax
+// runs on every lane with the same values, so m and l end equal on all lanes and the
+// caller divides acc by l. One slot at a time: simple, not tuned.
+template <int HD>
+__device__ inline void warp_attend(const float (&q)[kLaneElements<HD>], const bf16* keys, const bf16* values,
+                                   int64_t stride, int64_t begin, int64_t end, float scale,
+                                   float (&acc)[kLaneElements<HD>], float& m, float& l) {
+    const int lane = threadIdx.x % kWarpSize;
+    m = -INFINITY;
+    l = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kLaneElements<HD>; ++i) acc[i] = 0.0f;
+    for (int64_t j = begin; j < end; ++j) {
+        const bf16* key = keys + j * stride;
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kLaneElements<HD>; ++i) {
+            const int d = lane + i * kWarpSize;
+            if (d < HD) dot += q[i] * to_float(key[d]);
+        }
+        float correction, weight;
+        online_softmax_step(m, l, warp_sum(dot) * scale, correction, weight);
+        const bf16* value = values + j * stride;
+#pragma unroll
+        for (int i = 0; i < kLaneElements<HD>; ++i) {
+            const int d = lane + i * kWarpSize;
+            if (d < HD) acc[i] = acc[i] * correction + weight * to_float(value[d]);
+        }
+    }
+}
+
+}  // namespace detail
+
 // Shared memory of split_attention_task: a row's rotated q heads and k head, as float.
 template <int NH, int HD>
 MPK_CUDA_HD constexpr int split_attention_smem_bytes() {
@@ -1520,7 +1560,7 @@ MPK_CUDA_HD constexpr int split_attention_smem_bytes() {
 // Empty ranges and padding rows write zeros, -inf and 0. The rounding to bf16 follows the
 // separate qk_norm and rope kernels; scores and sums stay fp32.
 // NOTE: one warp per head walks the slots one at a time (a warp sum per slot): simple,
-// not tuned. No GPU has run it.
+// not tuned (see detail::warp_attend). No GPU has run it.
 template <int T, int ROW, int HD, int NKV, int S, int C, int NH, bool QK_NORM>
 __device__ void split_attention_task(const __nv_bfloat16* qkv, const int64_t* positions, const float* cos,
                                      const float* sin, const __nv_bfloat16* q_weight, const __nv_bfloat16* k_weight,
@@ -1530,7 +1570,7 @@ __device__ void split_attention_task(const __nv_bfloat16* qkv, const int64_t* po
     static_assert(HD % 2 == 0, "rotary embedding needs an even head_dim");
     constexpr int kChunk = (S + C - 1) / C;
     constexpr int kHalf = HD / 2;
-    constexpr int kPerLane = (HD + kWarpSize - 1) / kWarpSize;
+    constexpr int kPerLane = detail::kLaneElements<HD>;
     const int lo = min(chunk * kChunk, S), hi = min(lo + kChunk, S);
     const int heads = (q1 - q0) / HD;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -1580,31 +1620,14 @@ __device__ void split_attention_task(const __nv_bfloat16* qkv, const int64_t* po
         }
         for (int h = warp; h < heads; h += kWarps) {
             float* partial = partials + ((static_cast<int64_t>(t) * C + chunk) * NH + q0 / HD + h) * (HD + 2);
-            float q[kPerLane], acc[kPerLane];
+            float q[kPerLane], acc[kPerLane], m, l;
 #pragma unroll
             for (int i = 0; i < kPerLane; ++i) {
                 const int d = lane + i * kWarpSize;
                 q[i] = d < HD && end > lo ? local[h * HD + d] : 0.0f;
-                acc[i] = 0.0f;
             }
-            float m = -INFINITY, l = 0.0f;
-            for (int j = lo; j < end; ++j) {
-                const bf16* key = k_cache + (static_cast<int64_t>(j) * NKV + group) * HD;
-                float dot = 0.0f;
-#pragma unroll
-                for (int i = 0; i < kPerLane; ++i) {
-                    const int d = lane + i * kWarpSize;
-                    if (d < HD) dot += q[i] * detail::to_float(key[d]);
-                }
-                float correction, weight;
-                detail::online_softmax_step(m, l, detail::warp_sum(dot) * scale, correction, weight);
-                const bf16* value = v_cache + (static_cast<int64_t>(j) * NKV + group) * HD;
-#pragma unroll
-                for (int i = 0; i < kPerLane; ++i) {
-                    const int d = lane + i * kWarpSize;
-                    if (d < HD) acc[i] = acc[i] * correction + weight * detail::to_float(value[d]);
-                }
-            }
+            detail::warp_attend<HD>(q, k_cache + group * HD, v_cache + group * HD, static_cast<int64_t>(NKV) * HD, lo,
+                                    end, scale, acc, m, l);
 #pragma unroll
             for (int i = 0; i < kPerLane; ++i) {
                 const int d = lane + i * kWarpSize;
@@ -1748,38 +1771,20 @@ __device__ void segment_attention_task(const __nv_bfloat16* qkv, const int64_t* 
                                        __nv_bfloat16* out, float scale, int r0, int r1, int q0, int q1, int k0, int v0,
                                        char* smem) {
     (void)smem;
-    constexpr int kPerLane = (HD + kWarpSize - 1) / kWarpSize;
+    constexpr int kPerLane = detail::kLaneElements<HD>;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int heads = (q1 - q0) / HD;
     for (int item = warp; item < (r1 - r0) * heads; item += kWarps) {
         const int r = r0 + item / heads, h = q0 + (item % heads) * HD;
         const int64_t s = segments[r];
         const int64_t start = s < 0 ? 0 : spans[2 * s], end = s < 0 ? 0 : spans[2 * s + 1];
-        float q[kPerLane], acc[kPerLane];
+        float q[kPerLane], acc[kPerLane], m, l;
 #pragma unroll
         for (int i = 0; i < kPerLane; ++i) {
             const int d = lane + i * kWarpSize;
             q[i] = d < HD ? detail::to_float(qkv[static_cast<int64_t>(r) * ROW + h + d]) : 0.0f;
-            acc[i] = 0.0f;
         }
-        float m = -INFINITY, l = 0.0f;
-        for (int64_t j = start; j < end; ++j) {
-            const bf16* key = qkv + j * ROW + k0;
-            float partial = 0.0f;
-#pragma unroll
-            for (int i = 0; i < kPerLane; ++i) {
-                const int d = lane + i * kWarpSize;
-                if (d < HD) partial += q[i] * detail::to_float(key[d]);
-            }
-            float correction, weight;
-            detail::online_softmax_step(m, l, detail::warp_sum(partial) * scale, correction, weight);
-            const bf16* value = qkv + j * ROW + v0;
-#pragma unroll
-            for (int i = 0; i < kPerLane; ++i) {
-                const int d = lane + i * kWarpSize;
-                if (d < HD) acc[i] = acc[i] * correction + weight * detail::to_float(value[d]);
-            }
-        }
+        detail::warp_attend<HD>(q, qkv + k0, qkv + v0, ROW, start, end, scale, acc, m, l);
         bf16* out_row = out + static_cast<int64_t>(r) * OUT_COLS + h;
 #pragma unroll
         for (int i = 0; i < kPerLane; ++i) {
