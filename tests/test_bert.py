@@ -97,7 +97,8 @@ def test_packing_puts_sentences_back_to_back(tiny_bert: Path) -> None:
     assert inputs["segments"][: ends[2]].tolist() == sum(([slot] * n for slot, n in enumerate(lengths)), [])
     assert (inputs["segments"][ends[2]:] == -1).all()
     assert inputs["positions"][ends[0] : ends[1]].tolist() == list(range(lengths[1]))
-    assert batches[1].rows == row_bucket(ends[2]) and batches[1].rows % 16 == 0
+    assert batches[1].rows == row_bucket(ends[2])
+    assert batches[1].rows % 16 == 0
 
 
 def test_batches_are_capped_in_rows(monkeypatch, tiny_bert: Path) -> None:

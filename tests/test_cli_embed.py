@@ -27,7 +27,8 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 def assert_clean_error(code: int, err: str, match: str) -> None:
     assert code == 2
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
     assert match in err, err
 
 
@@ -57,7 +58,8 @@ def test_model_dir_and_npy_output(capsys, tiny_bert: Path, tmp_path: Path) -> No
     assert code == 0, err
     assert stdout == ""
     embeddings = np.load(out)
-    assert embeddings.dtype == np.float32 and embeddings.shape == (len(SENTENCES), 40)
+    assert embeddings.dtype == np.float32
+    assert embeddings.shape == (len(SENTENCES), 40)
     reference = transformers_embeddings(tiny_bert, SENTENCES, TINY_MAX_SEQ_LENGTH)
     assert float(cosines(embeddings, reference).min()) >= 0.99999
     assert f"embedded {len(SENTENCES)}/{len(SENTENCES)} sentences" in err, "more than one batch reports progress"

@@ -74,8 +74,8 @@ ATTENTION_CASES = [(5, LAYOUT_A, 40, (3, 37, -1, 0, 20)), (1, LAYOUT_B, 24, (17,
 SILU_SHAPES = [(1, 75), (5, 200)]  # (T, I)
 ARGMAX_PARTIAL_SHAPES = [(5, 1000, 256), (1, 20, 7), (3, 70, 70)]  # (T, V, CHUNK)
 ARGMAX_REDUCE_SHAPES = [(5, 4), (1, 3)]  # (T, P)
-# Encoder kernels. Hidden sizes 40 and 76 have tails on both vector paths; layout C is
-# BERT-like (as many KV heads as q heads) with a head_dim tail.
+# Encoder kernels. Hidden sizes 40 and 76 have tails on both vector paths. Layout C is
+# BERT-like (as many KV heads as q heads), with a head_dim tail.
 LAYERNORM_SHAPES = [(5, 40), (3, 384)]  # (T, H)
 ENCODER_LINEAR_SHAPE = (5, 75, 200)  # (T, K, N)
 # The panel kernel: 19 rows are two blocks of 8 and a tail of 3 (AVX-512) or four of 4 and

@@ -105,13 +105,14 @@ def _dense(b: GraphBuilder, x: str, name: str, shape: tuple[int, int], prefix: s
 
 
 def _cpu_tiling(rows: int) -> dict:
-    """Linear tiling for the CPU backend. Tiles of whole 48-column weight panels waste no
-    work in linear_panels_task. From 128 rows on, four tiles per worker let the static
-    schedule balance tasks that each take a millisecond or more (a fused qkv of three equal
-    segments would otherwise give two workers three tiles). Below that, the extra tasks
-    cost more than the balance gains: on a 2-core Zen 5 VM, four per worker took
-    all-MiniLM-L6-v2 at batch 32 (about 800 rows) from 394 to 439 sentences/s and at batch
-    1 (about 32 rows) from 405 down to 361 (benchmarks/embed_throughput.py).
+    """Return the linear tiling for the CPU backend. Tiles of whole 48-column weight panels
+    waste no work in linear_panels_task. With many rows each task is long, and four tiles
+    per worker let the static schedule balance them (a fused qkv of three equal segments
+    would otherwise give two workers three tiles). With few rows the extra tasks cost more
+    than the balance gains. Measured with benchmarks/embed_throughput.py on a 2-core Zen 5
+    VM, four per worker took all-MiniLM-L6-v2 at batch 32 (about 800 rows) from 394 to 439
+    sentences/s and at batch 1 (about 32 rows) from 405 down to 361.
+    NOTE: the 128-row threshold lies between those two points and is an estimate.
     """
     from mpk.backends.cpu.codegen import PANEL
 

@@ -263,10 +263,11 @@ class AttentionSpec(OpSpec):
 class FusedAttentionSpec(OpSpec):
     kind = "fused_attention"
     doc = (
-        "One task per KV group does what qk_norm (when q_weight and k_weight are bound), rope and "
-        "attention do for that group: normalize its q and k heads, rotate them, append k and v to the "
-        "KV cache and attend over it, for every row. The decode step uses it: one task and one event "
-        "per group instead of three, so a group's attention starts as soon as its qkv tile is written."
+        "One task per KV group does what qk_norm, rope and attention do for that group, for every "
+        "row: it normalizes its q and k heads (when q_weight and k_weight are bound), rotates them, "
+        "appends k and v to the KV cache and attends over it. The decode step uses it, with one task "
+        "and one event per group instead of three, so a group's attention starts as soon as its qkv "
+        "tile is written."
     )
     inputs = ("qkv", "positions", "cos", "sin")
     optional_inputs = ("q_weight", "k_weight")
@@ -279,8 +280,8 @@ class FusedAttentionSpec(OpSpec):
     cuda_kernel = "fused_attention_task"
 
     def _parts(self, op: Op) -> list[tuple[OpSpec, Op]]:
-        """The operators this one fuses, bound to the same tensors, in execution order. Before
-        the builder has bound "out" (in infer), the attention part's output is unnamed.
+        """Return the operators this one fuses, bound to the same tensors, in execution order.
+        Before the builder has bound "out" (in infer), the attention part's output is unnamed.
         """
         heads = {key: op.attrs[key] for key in ("num_heads", "num_kv_heads", "head_dim")}
         qkv, positions, cache = op.inputs["qkv"], op.inputs["positions"], {"k_cache": op.outputs["k_cache"], "v_cache": op.outputs["v_cache"]}

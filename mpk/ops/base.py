@@ -151,8 +151,8 @@ class OpSpec:
 
 @dataclass(frozen=True)
 class IndexBound:
-    """Values of an index input must lie in [lo, hi); ``lo`` is None where negative values
-    mark padding rows. ``indexes`` says what they index, for error messages.
+    """Bounds of an index input: its values must lie in [lo, hi). ``lo`` is None where
+    negative values mark padding rows. ``indexes`` names what they index, for error messages.
     """
 
     lo: int | None
@@ -171,7 +171,7 @@ class KernelArgs:
         raise NotImplementedError
 
     def packed(self, role: str) -> bool:
-        """Whether the backend stores the weight bound to ``role`` packed into panels
+        """Return whether the backend stores the weight bound to ``role`` packed into panels
         (K-major blocks of output columns) instead of row-major.
         """
         return False

@@ -142,6 +142,6 @@ class LinearSpec(OpSpec):
 
 
 def _epilogue(op: Op, backend: str) -> str:
-    """The C++ name of the epilogue of a linear: its activation, applied after the bias."""
+    """Return the C++ name of a linear's epilogue: its activation, applied after the bias."""
     activation = op.attrs.get("activation", "none")
     return f"mpk::{backend}::Activation::{activation}"

@@ -34,10 +34,10 @@ def chunk_bounds(slots: int, chunks: int, chunk: int) -> tuple[int, int]:
 class SplitAttentionSpec(OpSpec):
     kind = "split_attention"
     doc = (
-        "Decode attention split over the KV cache: per (KV group, chunk of `chunks` cache slots), "
-        "q/k norm (when q_weight and k_weight are bound), rope, the KV append of rows whose position "
-        "falls in the chunk, and attention over the chunk's slots up to each row's position, written "
-        "as partials (acc, max, sum) that attention_combine merges."
+        "Decode attention split over the KV cache, one task per KV group and chunk of `chunks` cache "
+        "slots. Each task applies q/k norm (when q_weight and k_weight are bound) and rope, appends "
+        "k and v of the rows whose position falls in its chunk, and attends over the chunk's slots "
+        "up to each row's position. It writes partials (acc, max, sum) that attention_combine merges."
     )
     inputs = ("qkv", "positions", "cos", "sin")
     optional_inputs = ("q_weight", "k_weight")

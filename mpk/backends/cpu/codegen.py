@@ -35,34 +35,34 @@ def buffer_dtypes(tg: TaskGraph, weight_dtypes: dict[str, str]) -> dict[str, str
 
 
 def panel_weights(tg: TaskGraph) -> frozenset[str]:
-    """Weight buffers that the CPU backend packs into panels for linear_panels_task: in
-    graphs whose frontend asks for it (meta "cpu_weight_layout": "panels", set by the
-    encoder frontend, whose every graph has many rows), the weights of linears with at
-    least PANEL_MIN_ROWS rows that no other operator reads. Decoder graphs keep row-major
-    weights, which their decode step (one row) streams best.
+    """Return the weight buffers that the CPU backend packs into panels for
+    linear_panels_task. A graph opts in with meta "cpu_weight_layout": "panels", which the
+    encoder frontend sets because its every graph has many rows. Packed are the weights of
+    linears with at least PANEL_MIN_ROWS rows that no other operator reads. Decoder graphs
+    keep row-major weights, which their decode step (one row) streams best.
     """
     if tg.graph.meta.get("cpu_weight_layout") != "panels":
         return frozenset()
     home = tg.placement.home
-    wanted, other = set(), set()
+    packed, other = set(), set()
     for op in tg.graph.ops:
         for role, name in op.inputs.items():
             if tg.graph.tensors[name].kind is not TensorKind.WEIGHT:
                 continue
             rows = tg.graph.tensors[op.inputs["x"]].shape[0] if op.kind == "linear" else 0
-            (wanted if role == "weight" and rows >= PANEL_MIN_ROWS else other).add(home[name])
-    return frozenset(wanted - other)
+            (packed if role == "weight" and rows >= PANEL_MIN_ROWS else other).add(home[name])
+    return frozenset(packed - other)
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N / PANEL), K, PANEL]: panel p holds weight[PANEL * p + j, k] at
-    [p, k, j], zero past N. Packed copies are cached per source tensor, so executors of
-    several batch shapes share one.
+    """Pack a weight [N, K] into panels [ceil(N / PANEL), K, PANEL]: element [p, k, j] is
+    weight[PANEL * p + j, k], and zero past N. Packed copies are cached per source tensor,
+    so executors of several batch shapes share one.
     NOTE: the copy is made once per tensor, so a weight changed in place afterwards is
     not seen by executors built later, while row-major weights are shared, not copied.
     """
-    # Keyed by identity (tensors compare elementwise); the finalizer drops an entry when
-    # its source tensor is freed, so the cache never outlives the weights it packed.
+    # Keyed by identity, because tensors compare elementwise. The finalizer drops an entry
+    # when its source tensor is freed, so the cache never outlives the weights it packed.
     key = id(weight)
     if key in _packed and _packed[key][0]() is weight:
         return _packed[key][1]

@@ -3,8 +3,8 @@
 As on the CPU, each operator becomes one case of a switch whose kernel call carries the
 shapes as template arguments; the task table is data. On the GPU, weights and activations
 are bf16 (accumulation is fp32 inside the kernels), except the logits and the argmax
-partial maxima, which stay fp32 so that greedy sampling sees unrounded scores, and pooled
-sentence embeddings, which the host reads as fp32.
+partial maxima, which stay fp32 so that greedy sampling compares unrounded scores, and
+pooled sentence embeddings, which the host reads as fp32.
 """
 
 from __future__ import annotations

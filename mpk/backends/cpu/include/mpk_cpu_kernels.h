@@ -270,11 +270,11 @@ inline Vec gelu(Vec x) {
 }
 
 // Attention of up to kWidth query rows over the same key and value rows, with the
-// queries in the vector lanes: the encoder's case, where every row of a sentence attends
-// to the same keys (the decode kernel above has one query row per position instead).
+// queries in the vector lanes. This is the encoder's case, where every row of a sentence
+// attends to the same keys (the decode kernel above has one query row per position).
 // A score is then HD fused multiply-adds of a query-transposed vector by a broadcast key
-// element, and the output accumulates transposed too (acc[d] holds dimension d of every
-// query) from broadcast value elements, so neither step needs a horizontal sum. q rows
+// element. The output accumulates transposed too (acc[d] is dimension d of every query),
+// from broadcast value elements, so neither step needs a horizontal sum. q rows
 // are qstride floats apart, keys and values kSlotStride apart, and out rows get HD
 // floats each, ostride apart. The softmax is online over blocks of kKeyBlock keys, as in
 // attend_heads.
@@ -704,7 +704,7 @@ void argmax_reduce_task(const float* values, const int64_t* indices, int64_t* ou
 // With many rows of x (an encoder batch), the dot-product kernel above spends much of its
 // time on horizontal sums. The panel kernel instead computes outer products: the weight
 // is packed once, at load time, into panels of kPanel output columns stored K-major
-// (panel p holds weight[48p + j][k] at [p][k][j], zero past N), so each step loads a few
+// (element [p][k][j] is weight[48p + j][k], zero past N), so each step loads a few
 // weight vectors and multiplies them by one broadcast x element per row, accumulating
 // whole vectors of output columns. kPanelRows rows of x x kPanelVectors vectors of
 // columns are in registers: 8 x 3 = 24 of the 32 zmm registers with AVX-512, 4 x 2 = 8 of

@@ -190,7 +190,7 @@ class Runtime {
 
   ~Runtime() {
     stop_.store(1, std::memory_order_seq_cst);
-    wake_parked();  // after stop_: a thread that parks later sees stop_ and does not sleep
+    wake_parked();  // after stop_: a thread that parks later reads stop_ and does not sleep
     for (auto& thread : threads_) thread.join();
   }
 
@@ -200,11 +200,11 @@ class Runtime {
     const uint64_t iteration = ++iteration_;
     for (auto& count : trace_counts_) count.value = 0;
     // Release: the inputs the host wrote, and the trace reset, happen before any task.
-    // Sequentially consistent, and so is park()'s increment of parked_, so that either
-    // wake_parked() below sees a parked thread or that thread sees the new count.
+    // Sequentially consistent, like park()'s increment of parked_: either wake_parked()
+    // below counts a parked thread, or that thread reads the new count.
     in_flight_.store(1, std::memory_order_seq_cst);
     __atomic_fetch_add(&counters_[kBeginEvent].value, 1, __ATOMIC_SEQ_CST);
-    wake_parked();  // after BEGIN: a thread that parks later sees the new count
+    wake_parked();  // after BEGIN: a thread that parks later reads the new count
     if (config_.mode == kDynamic) push_event(kBeginEvent, iteration);
 
     const int32_t end = static_cast<int32_t>(events_.size()) - 1;

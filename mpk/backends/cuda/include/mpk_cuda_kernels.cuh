@@ -1760,12 +1760,11 @@ __device__ void layernorm_task(const __nv_bfloat16* x, const __nv_bfloat16* weig
     }
 }
 
-// Bidirectional attention within packed sentences, as the CPU kernel of the same name:
-// each q head in columns [q0, q1) of rows r0..r1-1 attends over the k head at column k0
-// and the v head at v0 of its sentence's rows spans[segments[r]]. One warp per (row, head)
-// pair: the lanes split the head's HD elements, a warp sum gives each score, and the
-// online softmax runs on every lane with the same values. Rows with a negative segment
-// or an empty span get zeros.
+// Bidirectional attention within packed sentences, as the CPU kernel of the same name.
+// Each q head in columns [q0, q1) of rows r0..r1-1 attends over the k head at column k0
+// and the v head at v0 of its sentence's rows spans[segments[r]]. One warp takes each
+// (row, head) pair through detail::warp_attend. Rows with a negative segment or an empty
+// span get zeros.
 template <int ROWS, int ROW, int HD, int OUT_COLS>
 __device__ void segment_attention_task(const __nv_bfloat16* qkv, const int64_t* segments, const int64_t* spans,
                                        __nv_bfloat16* out, float scale, int r0, int r1, int q0, int q1, int k0, int v0,
